@@ -1,0 +1,187 @@
+"""The rotary kernel: ``y = R(cos, sin) G x`` with an optional sparse Givens mixing G.
+
+Shapes: B batch, T sequence, H heads, D head_dim, r rotary_dim (even, <= D). Inside this module cos/sin are
+already shaped to broadcast against ``x[..., :r/2]`` (e.g. ``(T, 1, r/2)`` for x ``(B, T, H, D)``).
+
+Why the eager path is hand-written: RoPE is memory-bound. Written as autograd-visible elementwise ops
+(``x1 * cos - x2 * sin`` ...), forward and backward each make five to eight passes over x and keep temporaries
+alive for backward. Here the forward is one complex multiply written into one fresh buffer (the interleaved
+layout is exactly a complex multiply by ``cos + i sin``), and the backward is the same multiply by the
+conjugate: nothing but the small cos/sin is saved. Low-precision inputs are upcast once, rotated in float32 and
+rounded once, so bf16 output carries a single rounding.
+
+Under ``torch.compile`` (and when cos/sin need gradients, i.e. learned frequencies) the same maths runs as plain
+differentiable ops: Inductor fuses them into one kernel, better than any hand-written eager sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["apply_rotary"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (bf16, fp16, fp32) is rotated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _complex_viewable(t: Tensor) -> bool:
+    # view_as_complex needs unit stride on the pair axis and even strides/offset elsewhere.
+    return (
+        t.dtype in (torch.float32, torch.float64)
+        and t.stride(-1) == 1
+        and t.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s in t.stride()[:-1])
+    )
+
+
+def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> None:
+    """``out[..., :r] = R x[..., :r]`` (out may be x); channels past r are copied when out is not x.
+
+    Use ``-sin`` for the inverse rotation R^T. x and out are float32/float64 of equal shape.
+    """
+    half = cos.shape[-1]
+    r = 2 * half
+    xr, outr = x[..., :r], out[..., :r]
+    if out is not x and r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    if interleaved and _complex_viewable(xr) and _complex_viewable(outr):
+        rot = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
+        xc = torch.view_as_complex(xr.unflatten(-1, (half, 2)))
+        torch.mul(xc, rot, out=torch.view_as_complex(outr.unflatten(-1, (half, 2))))
+        return
+    a, b = _pair_views(xr, interleaved)
+    oa, ob = _pair_views(outr, interleaved)
+    a_in = a.clone() if out is x else a  # in place, a is overwritten before b' needs it
+    torch.mul(a, cos, out=oa).addcmul_(b, sin, value=-1)  # a' = a cos - b sin
+    torch.mul(b, cos, out=ob).addcmul_(a_in, sin)  # b' = b cos + a sin
+
+
+def _pair_views(t: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
+    """The two members of every rotated pair, as views: (2i, 2i+1) or (i, i + r/2)."""
+    half = t.shape[-1] // 2
+    if interleaved:
+        pairs = t.unflatten(-1, (half, 2))
+        return pairs[..., 0], pairs[..., 1]
+    return t[..., :half], t[..., half:]
+
+
+def _givens_into(out: Tensor, x: Tensor, c: Tensor, s: Tensor, partner: Tensor) -> None:
+    """``out = c * x + s * x[..., partner]``: disjoint plane rotations as one gather and two passes.
+
+    x contiguous; out a different tensor of the same shape; c, s, partner ``(D,)``.
+    """
+    D = x.shape[-1]
+    torch.index_select(x.view(-1, D), 1, partner, out=out.view(-1, D))
+    out.mul_(s).addcmul_(x, c)
+
+
+class _Rotary(torch.autograd.Function):
+    """Eager fast path. Inputs: x, cos, sin (no grad), optional Givens coefficients c, s with partner."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved, c, s, partner, out_dtype):
+        cdtype = compute_dtype(x.dtype)
+        xc = x.to(cdtype).contiguous()
+        if c is not None:
+            y = torch.empty_like(xc)
+            _givens_into(y, xc, c.to(cdtype), s.to(cdtype), partner)
+            _rope_into(y, y, cos, sin, interleaved)
+        elif xc is not x:  # a fresh upcast copy: rotate it in place
+            y = xc
+            _rope_into(y, y, cos, sin, interleaved)
+        else:
+            y = torch.empty_like(xc)
+            _rope_into(y, xc, cos, sin, interleaved)
+        ctx.interleaved = interleaved
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(cos, sin, x if c is not None else None, c, s, partner)
+        return y.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin, x, c, s, partner = ctx.saved_tensors
+        cdtype = compute_dtype(ctx.x_dtype)
+        g = grad.to(cdtype).contiguous()
+        v = g if g is not grad else torch.empty_like(g)
+        _rope_into(v, g, cos, -sin, ctx.interleaved)  # R^T g
+        grad_c = grad_s = None
+        if c is None:
+            return v.to(ctx.x_dtype), None, None, None, None, None, None, None
+        c, s = c.to(cdtype), s.to(cdtype)
+        D = v.shape[-1]
+        v2 = v.view(-1, D)
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
+            # dL/dc_d = sum_n v[n, d] x[n, d] and dL/ds_d = sum_n v[n, d] x[n, partner(d)]: both are entries of
+            # the (D, D) Gram matrix v^T x, one matmul that reads v and x once and needs no (N, D) temporary.
+            gram = v2.T @ x.to(cdtype).reshape(-1, D)
+            grad_c = gram.diagonal()
+            grad_s = gram.gather(1, partner.unsqueeze(1)).squeeze(1)
+        # G^T v = c * v - s * v[partner]: the plane rotations by minus their angles.
+        buf = torch.empty_like(v)
+        torch.index_select(v2, 1, partner, out=buf.view(-1, D))
+        buf.mul_(-s).addcmul_(v, c)
+        return buf.to(ctx.x_dtype), None, None, None, grad_c, grad_s, None, None
+
+
+def _rotary_composed(x, cos, sin, interleaved, c, s, partner, out_dtype):
+    """The same maths as plain differentiable ops (torch.compile, learned frequencies)."""
+    cdtype = compute_dtype(x.dtype)
+    xc = x.to(cdtype)
+    if c is not None:
+        xc = c.to(cdtype) * xc + s.to(cdtype) * xc.index_select(-1, partner)
+    r = 2 * cos.shape[-1]
+    cos, sin = cos.to(cdtype), sin.to(cdtype)
+    a, b = _pair_views(xc[..., :r], interleaved)
+    ya, yb = a * cos - b * sin, b * cos + a * sin
+    if interleaved:
+        y = torch.stack((ya, yb), dim=-1).flatten(-2)
+    else:
+        y = torch.cat((ya, yb), dim=-1)
+    if r < x.shape[-1]:
+        y = torch.cat((y, xc[..., r:]), dim=-1)
+    return y.to(out_dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=None, out_dtype=None) -> Tensor:
+    """Internal entry: ``R G x`` with cos/sin broadcastable to ``x[..., :r/2]``; no validation.
+
+    givens: None or ``(c, s, partner)`` from :meth:`rotary.mixing.GivensMixing.coefficients`.
+    out_dtype: dtype of the result (default x's): lets a float32 intermediate be rounded only once.
+    """
+    c, s, partner = givens if givens is not None else (None, None, None)
+    out_dtype = out_dtype or x.dtype
+    if torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad:
+        return _rotary_composed(x, cos, sin, interleaved, c, s, partner, out_dtype)
+    return _Rotary.apply(x, cos, sin, interleaved, c, s, partner, out_dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True) -> Tensor:
+    """Rotate x by RoPE given precomputed cos/sin.
+
+    Args:
+        x: ``(B, T, H, D)`` floating point.
+        cos, sin: ``(T, r/2)`` or ``(B, T, r/2)`` with ``r <= D``; float32 (or float64) recommended: they are
+            used in at least float32 whatever x's dtype.
+        interleaved: rotate pairs ``(2i, 2i+1)`` (GPT-J / Meta) if True, ``(i, i + r/2)`` (GPT-NeoX / HF) if False.
+
+    Returns:
+        ``(B, T, H, D)`` in x's dtype and channel layout; channels ``r:`` are passed through bit-exact.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"apply_rotary expects x of shape (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"apply_rotary expects a floating-point x, got dtype {x.dtype}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    B, T, _, D = x.shape
+    if cos.dim() not in (2, 3) or cos.shape[-2] != T or (cos.dim() == 3 and cos.shape[0] != B):
+        raise ValueError(
+            f"cos/sin must have shape (seq, r/2) = ({T}, r/2) or (batch, seq, r/2) = ({B}, {T}, r/2), "
+            f"got {tuple(cos.shape)}"
+        )
+    if not 1 <= cos.shape[-1] <= D // 2:
+        raise ValueError(f"cos/sin last dim r/2 must be in [1, head_dim/2 = {D // 2}], got {cos.shape[-1]}")
+    return rotate(x, cos.unsqueeze(-2), sin.unsqueeze(-2), interleaved=interleaved)

@@ -1,0 +1,186 @@
+"""Learned orthogonal mixing P (head_dim x head_dim), applied to every head before RoPE.
+
+Every family here is exactly orthogonal for any parameter values and is the identity at initialisation, so a
+fresh :class:`rotary.Rotary` computes standard RoPE. P is rebuilt from its parameters on every call (a few
+hundred flops), never cached with its autograd graph: the request document built its matrices once and reused
+them, which breaks the second backward pass.
+
+P is built in float32 at least, whatever ``module.to(bfloat16)`` did to the parameters: a bf16 rotation matrix
+is not orthogonal to better than ~1e-2.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GivensMixing", "OrthogonalMixing", "QuaternionMixing", "default_planes", "make_mixing"]
+
+_PLANE_SEED = 0  # fixed: the planes are part of the model and also stored in its state_dict
+
+
+def _float(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _Mixing(nn.Module):
+    """Base: calling the module returns P, so that it works with ``torch.func.functional_call``."""
+
+    def forward(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.matrix(dtype)
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        raise NotImplementedError
+
+
+def default_planes(head_dim: int, rope_pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """head_dim // 2 disjoint planes (i, j), i != j, from a fixed-seed shuffle, none equal to a RoPE pair.
+
+    A plane equal to a RoPE pair would commute with RoPE and only add a constant phase that cancels between
+    q and k, so such draws are rejected. Uses Python's ``random.Random`` with a fixed seed: never the global
+    RNG, and stable across torch versions.
+    """
+    rng = random.Random(_PLANE_SEED)
+    avoid = {frozenset(p) for p in rope_pairs}
+    channels = list(range(head_dim))
+    planes: list[tuple[int, int]] = []
+    for _ in range(1000):
+        rng.shuffle(channels)
+        planes = [(channels[2 * k], channels[2 * k + 1]) for k in range(head_dim // 2)]
+        if not any(frozenset(p) in avoid for p in planes):
+            break
+    # head_dim 2 has a single possible plane, which is the RoPE pair itself: keep it (harmless, never useful).
+    return sorted((min(p), max(p)) for p in planes)
+
+
+class GivensMixing(_Mixing):
+    """Product of head_dim // 2 plane rotations on disjoint planes, one learnable angle each.
+
+    Plane k maps ``(x_i, x_j) -> (cos t x_i - sin t x_j, sin t x_i + cos t x_j)``. Because the planes are
+    disjoint, ``P x = c * x + s * x[partner]`` with per-channel vectors c, s and the partner involution: applying
+    P costs two elementwise passes and a gather, not a dense matmul.
+
+    Buffers: ``planes`` ``(head_dim // 2, 2)`` long (persistent). Parameters: ``angles`` ``(head_dim // 2,)``.
+    """
+
+    def __init__(self, head_dim: int, rope_pairs: list[tuple[int, int]]):
+        super().__init__()
+        if head_dim < 2:
+            raise ValueError(f"givens mixing needs head_dim >= 2, got {head_dim}")
+        self.head_dim = head_dim
+        self._rope_pairs = rope_pairs
+        self.register_buffer("planes", torch.tensor(default_planes(head_dim, rope_pairs), dtype=torch.long))
+        self.angles = nn.Parameter(torch.zeros(head_dim // 2))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.planes.copy_(torch.tensor(default_planes(self.head_dim, self._rope_pairs)))
+            self.angles.zero_()
+
+    def coefficients(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """``(c, s, partner)``, each ``(head_dim,)``, with ``P x = c * x + s * x[..., partner]``."""
+        t = self.angles.to(_float(dtype))
+        i, j = self.planes[:, 0], self.planes[:, 1]
+        cos, sin = torch.cos(t), torch.sin(t)
+        ones = torch.ones(self.head_dim, dtype=t.dtype, device=t.device)
+        c = ones.index_put((i,), cos).index_put((j,), cos)
+        s = torch.zeros_like(ones).index_put((i,), -sin).index_put((j,), sin)
+        partner = torch.arange(self.head_dim, device=t.device).index_put((i,), j).index_put((j,), i)
+        return c, s, partner
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Dense P ``(head_dim, head_dim)`` (for folding and inspection)."""
+        c, s, partner = self.coefficients(dtype)
+        P = torch.diag(c)
+        return P.index_put((torch.arange(self.head_dim, device=c.device), partner), s, accumulate=True)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, planes={self.head_dim // 2}"
+
+
+class QuaternionMixing(_Mixing):
+    """Unit-quaternion rotation of each 3-channel block: ``v -> v + 2 q0 (w x v) + 2 w x (w x v)``.
+
+    ``q = (cos(t/2), sin(t/2) u)``, ``w = sin(t/2) u``, with a learnable axis u (normalised on use) and angle t
+    per block. head_dim must be a multiple of 3; P is block-diagonal. Parameters: ``axis`` ``(head_dim // 3, 3)``,
+    ``angle`` ``(head_dim // 3,)``.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        if head_dim % 3 != 0:
+            raise ValueError(f"quaternion mixing needs head_dim divisible by 3, got {head_dim}")
+        self.head_dim = head_dim
+        self.axis = nn.Parameter(torch.empty(head_dim // 3, 3))
+        self.angle = nn.Parameter(torch.empty(head_dim // 3))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.axis.fill_(1 / math.sqrt(3))  # any unit axis: the rotation is the identity while angle == 0
+            self.angle.zero_()
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        dt = _float(dtype)
+        u = self.axis.to(dt)
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
+        half = self.angle.to(dt).unsqueeze(-1) / 2
+        q0, w = torch.cos(half), torch.sin(half) * u  # (n, 1), (n, 3)
+        zero = torch.zeros_like(w[:, 0])
+        wx, wy, wz = w.unbind(-1)
+        # cross-product matrix [w]_x, so that [w]_x v = w x v
+        K = torch.stack(
+            [torch.stack([zero, -wz, wy], -1), torch.stack([wz, zero, -wx], -1), torch.stack([-wy, wx, zero], -1)],
+            dim=-2,
+        )
+        eye = torch.eye(3, dtype=dt, device=u.device)
+        blocks = eye + 2 * q0.unsqueeze(-1) * K + 2 * K @ K
+        return torch.block_diag(*blocks.unbind(0))
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, blocks={self.head_dim // 3}"
+
+
+class OrthogonalMixing(_Mixing):
+    """Full SO(head_dim): ``P = expm(A - A^T)`` for the strictly upper triangle A of a learnable matrix.
+
+    The same map as ``torch.nn.utils.parametrizations.orthogonal(orthogonal_map="matrix_exp",
+    use_trivialization=False)``, written out so that P is always built in float32 or better: the
+    parametrization would run ``matrix_exp`` in the parameter's dtype after ``module.to(bfloat16)``.
+    Parameter: ``generator`` ``(head_dim, head_dim)``, zero (P = I) at initialisation.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.generator = nn.Parameter(torch.zeros(head_dim, head_dim))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.generator.zero_()
+
+    def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        A = self.generator.to(_float(dtype)).triu(1)
+        return torch.linalg.matrix_exp(A - A.T)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}"
+
+
+MIXINGS = ("givens", "quaternion", "orthogonal")
+
+
+def make_mixing(kind: str | None, head_dim: int, rope_pairs: list[tuple[int, int]]) -> nn.Module | None:
+    """Build the mixing module named ``kind`` (None: no mixing)."""
+    if kind is None:
+        return None
+    if kind == "givens":
+        return GivensMixing(head_dim, rope_pairs)
+    if kind == "quaternion":
+        return QuaternionMixing(head_dim)
+    if kind == "orthogonal":
+        return OrthogonalMixing(head_dim)
+    raise ValueError(f"mixing must be one of {MIXINGS} or None, got {kind!r}")

@@ -1,0 +1,108 @@
+"""Learned orthogonal mixings: orthogonality, identity at init, planes, against the dense float64 references."""
+
+import pytest
+import torch
+
+from rotary.mixing import GivensMixing, OrthogonalMixing, QuaternionMixing, default_planes
+from rotary.reference import givens_matrix_reference, orthogonal_matrix_reference, quaternion_matrix_reference
+
+INTERLEAVED = lambda D: [(2 * i, 2 * i + 1) for i in range(D // 2)]  # noqa: E731
+HALF = lambda D: [(i, i + D // 2) for i in range(D // 2)]  # noqa: E731
+
+
+def _mixings(D):
+    out = [GivensMixing(D, INTERLEAVED(D)), OrthogonalMixing(D)]
+    if D % 3 == 0:
+        out.append(QuaternionMixing(D))
+    return out
+
+
+@pytest.mark.parametrize("D", [3, 6, 8, 9, 64])
+def test_identity_at_init_and_orthogonal_for_any_parameters(D):
+    for mixing in _mixings(D):
+        assert torch.equal(mixing.matrix(), torch.eye(D)), type(mixing).__name__
+        with torch.no_grad():
+            for p in mixing.parameters():
+                p.normal_(std=3.0)
+        P = mixing.matrix()
+        torch.testing.assert_close(P @ P.T, torch.eye(D), atol=1e-5, rtol=0)
+        x = torch.randn(100, D)
+        torch.testing.assert_close((x @ P.T).norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+        assert float(torch.linalg.det(P.detach().double())) == pytest.approx(1.0, abs=1e-3)  # +1: a rotation, not a reflection
+
+
+@pytest.mark.parametrize("D", [2, 3, 5, 8, 64, 65])
+@pytest.mark.parametrize("pairs", [INTERLEAVED, HALF])
+def test_planes_are_disjoint_distinct_and_never_a_rope_pair(D, pairs):
+    planes = default_planes(D, pairs(D - D % 2))
+    assert len(planes) == D // 2
+    flat = [c for p in planes for c in p]
+    assert len(set(flat)) == len(flat)  # disjoint, and i != j within each plane
+    if D >= 4:
+        rope = {frozenset(p) for p in pairs(D - D % 2)}
+        assert not any(frozenset(p) in rope for p in planes)
+
+
+def test_planes_do_not_use_the_global_rng():
+    torch.manual_seed(0)
+    a = GivensMixing(64, INTERLEAVED(64)).planes
+    torch.manual_seed(99)
+    torch.rand(10)
+    b = GivensMixing(64, INTERLEAVED(64)).planes
+    assert torch.equal(a, b)
+    assert "planes" in GivensMixing(8, INTERLEAVED(8)).state_dict()
+
+
+@pytest.mark.parametrize("D", [5, 8, 64])
+def test_givens_matrix_matches_product_of_dense_rotations(D):
+    mixing = GivensMixing(D, INTERLEAVED(D - D % 2))
+    with torch.no_grad():
+        mixing.angles.uniform_(-3, 3)
+    expected = givens_matrix_reference(mixing.planes, mixing.angles, D)
+    torch.testing.assert_close(mixing.matrix(torch.float64), expected, atol=1e-12, rtol=0)
+    c, s, partner = mixing.coefficients(torch.float64)  # the sparse form used by the fast path
+    x = torch.randn(7, D, dtype=torch.float64)
+    torch.testing.assert_close(c * x + s * x[:, partner], x @ expected.T, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("D", [3, 6])
+def test_quaternion_matches_hamilton_product(D):
+    mixing = QuaternionMixing(D)
+    with torch.no_grad():
+        mixing.axis.normal_()
+        mixing.angle.uniform_(-3, 3)
+    blocks = [quaternion_matrix_reference(a, t) for a, t in zip(mixing.axis, mixing.angle)]
+    torch.testing.assert_close(mixing.matrix(torch.float64), torch.block_diag(*blocks), atol=1e-12, rtol=0)
+
+
+def test_orthogonal_matches_series_exponential():
+    mixing = OrthogonalMixing(8)
+    with torch.no_grad():
+        mixing.generator.normal_(std=0.5)
+    expected = orthogonal_matrix_reference(mixing.generator)
+    torch.testing.assert_close(mixing.matrix(torch.float64), expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("mixing", [GivensMixing(6, INTERLEAVED(6)), QuaternionMixing(6), OrthogonalMixing(6)])
+def test_gradcheck_through_parameters(mixing):
+    mixing = mixing.double()
+    with torch.no_grad():
+        for p in mixing.parameters():
+            p.normal_()
+    names = [n for n, _ in mixing.named_parameters()]
+
+    def build(*values):  # P as a function of the parameters
+        return torch.func.functional_call(mixing, dict(zip(names, values)), (torch.float64,))
+
+    assert torch.autograd.gradcheck(build, tuple(p.detach().requires_grad_() for p in mixing.parameters()))
+
+
+def test_bf16_parameters_still_give_an_orthogonal_float32_matrix():
+    for mixing in _mixings(6):
+        with torch.no_grad():
+            for p in mixing.parameters():
+                p.normal_()
+        mixing.to(torch.bfloat16)
+        P = mixing.matrix(torch.bfloat16)
+        assert P.dtype == torch.float32
+        torch.testing.assert_close(P @ P.T, torch.eye(6), atol=1e-5, rtol=0)
