@@ -1,0 +1,280 @@
+"""Rotary (the module) against the float64 reference, its invariants, its errors, state_dict and meta device."""
+
+import pytest
+import torch
+
+from rotary import Rotary, rotary, rotary_reference
+
+from conftest import ulp
+
+MIXINGS = [None, "givens", "orthogonal", "quaternion"]
+
+
+def _randomise(m: Rotary, std: float = 1.0) -> Rotary:
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=std)
+    return m
+
+
+def _reference(m: Rotary, x4: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return rotary_reference(
+        x4,
+        positions,
+        rotary_dim=m.rotary_dim,
+        interleaved=m.interleaved,
+        mixing=m.mixing_matrix(torch.float64),
+        freqs=m.frequencies().detach(),
+        base=m.base,
+    )
+
+
+def _module(mixing, interleaved=True, head_dim=8, heads=3, rotary_dim=None, learned_freq=False):
+    if mixing == "quaternion" and head_dim % 3:
+        head_dim = 6
+    m = Rotary(head_dim * heads, heads, mixing=mixing, interleaved=interleaved, rotary_dim=rotary_dim,
+               learned_freq=learned_freq)
+    return _randomise(m, 0.1 if learned_freq else 1.0)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(8, None), (12, 6), (7, None), (3, 2)])
+@pytest.mark.parametrize("where", ["int", "tensor", "positions1d", "positions2d", "float_positions"])
+def test_matches_reference(mixing, interleaved, head_dim, rotary_dim, where):
+    m = _module(mixing, interleaved, head_dim, rotary_dim=rotary_dim)
+    B, T = 2, 5
+    x = torch.randn(B, T, m.dims, requires_grad=True)
+    if where == "int":
+        kwargs, pos = {"offset": 9}, torch.arange(9, 9 + T)
+    elif where == "tensor":
+        off = torch.tensor([3, 70])
+        kwargs, pos = {"offset": off}, off[:, None] + torch.arange(T)
+    elif where == "positions1d":
+        pos = torch.tensor([4, 0, 11, 2, 2])
+        kwargs = {"positions": pos, "offset": 1000}  # positions override offset
+    elif where == "positions2d":
+        pos = torch.randint(0, 5000, (B, T))
+        kwargs = {"positions": pos}
+    else:
+        pos = torch.rand(B, T) * 50
+        kwargs = {"positions": pos}
+    y = m(x, **kwargs)
+    assert y.shape == x.shape
+    x4 = x.detach().view(B, T, m.heads, m.head_dim)
+    ref = _reference(m, x4, pos).view(B, T, -1)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xd = x4.double().requires_grad_()
+    (gref,) = torch.autograd.grad(_reference(m, xd, pos), xd, g.double().view_as(xd))
+    torch.testing.assert_close(gx.double(), gref.view_as(gx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_four_dim_input_comes_back_four_dim(mixing):
+    m = _module(mixing)
+    x = torch.randn(2, 5, m.heads, m.head_dim)
+    y = m(x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.flatten(-2), m(x.flatten(-2)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_fresh_module_is_plain_rope_and_alias(mixing, interleaved):
+    x = torch.randn(2, 6, 24)
+    fresh = Rotary(24, 4 if mixing == "quaternion" else 3, mixing=mixing, interleaved=interleaved)
+    plain = Rotary(24, fresh.heads, mixing=None, interleaved=interleaved)
+    torch.testing.assert_close(fresh(x, offset=5), plain(x, offset=5), atol=1e-6, rtol=0)
+    assert rotary is Rotary
+    assert rotary(dims=24, heads=3).mixing_kind == "givens"
+    assert rotary(dims=9, heads=3).mixing_kind == "quaternion"  # 3-dimensional heads
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_norm_preserved(mixing):
+    m = _module(mixing, head_dim=12, rotary_dim=8)
+    x = torch.randn(3, 40, m.heads, m.head_dim)
+    y = m(x, offset=123)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_scores_depend_only_on_relative_position(mixing, interleaved):
+    m = _module(mixing, interleaved).double()
+    q = torch.randn(1, 1, m.heads, m.head_dim, dtype=torch.float64)
+    k = torch.randn(1, 1, m.heads, m.head_dim, dtype=torch.float64)
+    scores = []
+    for shift in (0, 17, 1000):
+        qr = m(q, offset=3 + shift)
+        kr = m(k, offset=10 + shift)
+        scores.append((qr * kr).sum(-1))
+    torch.testing.assert_close(scores[1], scores[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(scores[2], scores[0], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_incremental_equals_full_and_positions_equal_offset(mixing):
+    m = _module(mixing)
+    x = torch.randn(2, 9, m.dims)
+    full = m(x)
+    steps = torch.cat([m(x[:, t : t + 1], offset=t) for t in range(9)], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-6, rtol=0)
+    chunks = torch.cat([m(x[:, :4]), m(x[:, 4:], offset=torch.tensor([4, 4]))], dim=1)
+    torch.testing.assert_close(chunks, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(m(x, positions=torch.arange(9)), full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_rotate_qk_with_cached_keys(mixing):
+    m = _module(mixing)
+    B, H, D = 2, m.heads, m.head_dim
+    q = torch.randn(B, H, 7, D)
+    k = torch.randn(B, H, 7, D)
+    q_full, k_full = m.rotate_qk(q, k, offset=2)
+    # (B, H, T, D) layout is the module's (B, T, H, D) transposed
+    torch.testing.assert_close(k_full, m(k.transpose(1, 2), offset=2).transpose(1, 2), atol=1e-6, rtol=0)
+    q_last, k_all = m.rotate_qk(q[:, :, -2:], k, offset=2)  # decoding: 2 new queries, 7 keys in the cache
+    torch.testing.assert_close(q_last, q_full[:, :, -2:], atol=1e-6, rtol=0)
+    torch.testing.assert_close(k_all, k_full, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="at least q's length"):
+        m.rotate_qk(q, k[:, :, :3])
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("learned_freq", [False, True])
+def test_gradcheck_float64(mixing, learned_freq):
+    m = _module(mixing, head_dim=6, heads=2, learned_freq=learned_freq).double()
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(2, 3, m.dims, dtype=torch.float64, requires_grad=True)
+    offset = torch.tensor([5, 40])
+
+    def f(x, *params):
+        return torch.func.functional_call(m, dict(zip(names, params)), (x,), {"offset": offset})
+
+    params = tuple(p.detach().requires_grad_() for p in m.parameters())
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("learned_freq", [False, True])
+def test_several_optimizer_steps(mixing, learned_freq):
+    m = _module(mixing, learned_freq=learned_freq)
+    proj = torch.nn.Linear(m.dims, m.dims)  # as in attention: the rotary sits after a projection
+    opt = torch.optim.SGD([*proj.parameters(), *m.parameters()], lr=0.1)
+    x = torch.randn(2, 6, m.dims)
+    target = torch.randn(2, 6, m.dims)
+    before = [p.detach().clone() for p in m.parameters()]
+    losses = []
+    for _ in range(4):  # the request document's module raised on the second backward
+        opt.zero_grad()
+        loss = (m(proj(x)) - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for p, b in zip(m.parameters(), before):
+        assert not torch.equal(p, b)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_state_dict_round_trip_is_bit_identical(mixing):
+    torch.manual_seed(0)
+    a = _module(mixing, learned_freq=True)
+    torch.manual_seed(12345)  # a different global RNG state must not matter
+    b = Rotary(a.dims, a.heads, mixing=mixing, learned_freq=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, a.dims)
+    assert torch.equal(a(x, offset=3), b(x, offset=3))
+    assert not any("cached" in k for k in a.state_dict())  # tables are derived, not stored
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_meta_device_construction(mixing):
+    with torch.device("meta"):
+        m = _module(mixing)
+    assert all(t.is_meta for t in m.state_dict().values())
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    ref = Rotary(m.dims, m.heads, mixing=mixing)
+    x = torch.randn(2, 5, m.dims)
+    assert torch.equal(m(x, offset=7), ref(x, offset=7))
+
+
+def test_dtype_casts_leave_angles_in_float32_and_bf16_is_exact_at_large_positions():
+    m = Rotary(64, 2, mixing=None).to(torch.bfloat16)
+    assert m.cos_cached.dtype == torch.float32
+    x = torch.randn(1, 16, 2, 32).to(torch.bfloat16)
+    y = m(x, offset=100_000)
+    ref = rotary_reference(x, torch.arange(100_000, 100_016))
+    err = (y.double() - ref).abs()
+    assert bool((err <= ulp(ref, torch.bfloat16)).all())
+
+
+@pytest.mark.parametrize("mixing", ["givens", "orthogonal"])
+def test_bf16_with_mixing_rounds_once(mixing):
+    m = _randomise(Rotary(64, 2, mixing=mixing), 0.5)
+    ref_module = m.double()
+    x = torch.randn(2, 8, 2, 32).to(torch.bfloat16)
+    pos = torch.arange(5000, 5008)
+    ref = _reference(ref_module, x, pos)
+    y = m.to(torch.bfloat16)(x, offset=5000)
+    assert y.dtype == torch.bfloat16
+    err = (y.double() - ref).abs()
+    # mixing parameters were rounded to bf16 by the cast: compare against the same rounded parameters
+    ref = _reference(m, x, pos)
+    err = (y.double() - ref).abs()
+    assert bool((err <= ulp(ref, torch.bfloat16) + 1e-6).all())
+
+
+def test_table_grows_in_eager_mode():
+    m = Rotary(16, 2, mixing=None)
+    start = m.cos_cached.shape[0]
+    x = torch.randn(1, 3, 16)
+    y = m(x, offset=start + 10)
+    assert m.cos_cached.shape[0] >= start + 13
+    torch.testing.assert_close(y.double(), rotary_reference(x.view(1, 3, 2, 8), torch.arange(start + 10, start + 13)).view(1, 3, 16),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dims": 10, "heads": 3}, "divisible by heads"),
+        ({"dims": 0, "heads": 1}, "positive int"),
+        ({"dims": 16, "heads": 2, "rotary_dim": 10}, "rotary_dim"),
+        ({"dims": 16, "heads": 2, "rotary_dim": 3}, "rotary_dim"),
+        ({"dims": 16, "heads": 2, "rotary_dim": 0}, "rotary_dim"),
+        ({"dims": 16, "heads": 2, "mixing": "householder"}, "mixing must be one of"),
+        ({"dims": 16, "heads": 2, "mixing": "quaternion"}, "divisible by 3"),
+        ({"dims": 16, "heads": 2, "base": 1.0}, "base"),
+    ],
+)
+def test_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Rotary(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "x,kwargs,match",
+    [
+        (torch.randn(2, 5), {}, "rank 3"),
+        (torch.randn(1, 2, 5, 3, 8), {}, "rank 3"),
+        (torch.randn(2, 5, 15), {}, "dims=16"),
+        (torch.randn(2, 5, 4, 4), {}, "heads=2, head_dim=8"),
+        (torch.ones(2, 5, 16, dtype=torch.long), {}, "floating-point"),
+        (torch.randn(2, 5, 16), {"offset": -1}, "non-negative"),
+        (torch.randn(2, 5, 16), {"offset": 1.5}, "non-negative int"),
+        (torch.randn(2, 5, 16), {"offset": torch.tensor([1, 2, 3])}, "shape \\(\\) or \\(2,\\)"),
+        (torch.randn(2, 5, 16), {"offset": torch.tensor([1.0, 2.0])}, "integer tensor"),
+        (torch.randn(2, 5, 16), {"positions": torch.arange(4)}, "positions must be a tensor of shape"),
+        (torch.randn(2, 5, 16), {"positions": torch.zeros(3, 5)}, "positions must be a tensor of shape"),
+        (torch.randn(2, 5, 16), {"positions": [0, 1, 2, 3, 4]}, "positions must be a tensor"),
+    ],
+)
+def test_bad_input(x, kwargs, match):
+    m = Rotary(16, 2)
+    with pytest.raises(ValueError, match=match):
+        m(x, **kwargs)
