@@ -1,0 +1,5 @@
+import sys
+
+from rotary.cli import main
+
+sys.exit(main())

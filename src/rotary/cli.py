@@ -1,0 +1,116 @@
+"""The ``rotary`` command. Owns printing, seeding and argv; the library itself does none of that."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Checks the promises on generated data, then times Rotary against the request document's module."""
+    from rotary import Rotary, rotary_reference
+    from rotary.bench.seed import SeedRotary
+    from rotary.bench.timing import median, time_interleaved
+
+    torch.manual_seed(args.seed)
+    dims, heads = args.dims, args.heads
+    m = Rotary(dims, heads)  # givens mixing, the default
+    with torch.no_grad():  # pretend it was trained: non-trivial angles
+        m.mixing.angles.uniform_(-3.14, 3.14)
+    head_dim = dims // heads
+    print(f"{m}\n")
+
+    x = torch.randn(args.batch, args.seq, dims)
+    with torch.no_grad():
+        y = m(x, offset=args.offset)
+    ref = rotary_reference(
+        x.view(args.batch, args.seq, heads, head_dim),
+        torch.arange(args.offset, args.offset + args.seq),
+        mixing=m.mixing_matrix(torch.float64),
+    ).view_as(x)
+    print(f"max |fast - float64 reference|       {float((y.double() - ref).abs().max()):.2e}")
+
+    torch.set_grad_enabled(False)
+    q, k = torch.randn(2, 1, heads, head_dim), torch.randn(2, 1, heads, head_dim)
+    s0 = (m(q, offset=5) * m(k, offset=9)).sum(-1)
+    s1 = (m(q, offset=5 + 1000) * m(k, offset=9 + 1000)).sum(-1)
+    print(f"score change when both shift by 1000 {float((s0 - s1).abs().max()):.2e}   (relative positions only)")
+
+    steps = torch.cat([m(x[:, t : t + 1], offset=args.offset + t) for t in range(args.seq)], dim=1)
+    print(f"max |token-by-token - full|          {float((steps - y).abs().max()):.2e}   (KV-cache decoding is exact)")
+
+    xb = x.to(torch.bfloat16)
+    yb = m.to(torch.bfloat16)(xb, offset=100_000)
+    refb = rotary_reference(
+        xb.view(args.batch, args.seq, heads, head_dim),
+        torch.arange(100_000, 100_000 + args.seq),
+        mixing=m.mixing_matrix(torch.float64),
+    ).view_as(x)
+    rel = float(((yb.double() - refb).abs() / refb.abs().clamp_min(1e-3)).median())
+    print(f"bf16 at position 100 000: median relative error {rel:.1e} (bf16 rounding is 2^-9 = {2**-9:.1e})")
+    m.float()
+    torch.set_grad_enabled(True)
+
+    xg = x.clone().requires_grad_()
+    seed = SeedRotary(dims, heads)
+    plain = Rotary(dims, heads, mixing=None)
+
+    def step(mod, rebuild=False):
+        def run():
+            if rebuild:
+                mod.rebuild()  # the document's module cannot backward twice through its cached matrices
+            out = mod(xg)
+            torch.autograd.grad(out, [xg, *mod.parameters()], torch.ones_like(out))
+
+        return run
+
+    fns = {"Rotary(mixing=None)": step(plain), "Rotary(givens)": step(m), "request document": step(seed, True)}
+    times = {k: median(v) for k, v in time_interleaved(fns, device=torch.device("cpu"), repeats=args.repeats).items()}
+    print(f"\nforward+backward, x {tuple(x.shape)} fp32, {torch.get_num_threads()} threads, median of {args.repeats}:")
+    for name, t in times.items():
+        print(f"  {name:22s} {t * 1e3:8.2f} ms   ({t / times['Rotary(givens)']:.2f} x the time of Rotary(givens))")
+    return 0
+
+
+def _targets(args: argparse.Namespace) -> int:
+    from rotary.bench import targets
+
+    targets.main(["--repeats", str(args.repeats)])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rotary", description="Rotary position embeddings with learned rotations.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="check exactness and relative positions on generated data, and time it")
+    demo.add_argument("--dims", type=int, default=768)
+    demo.add_argument("--heads", type=int, default=12)
+    demo.add_argument("--batch", type=int, default=8)
+    demo.add_argument("--seq", type=int, default=128)
+    demo.add_argument("--offset", type=int, default=37)
+    demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+    tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
+    tg.add_argument("--repeats", type=int, default=15)
+    tg.set_defaults(func=_targets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("dims", "heads", "batch", "seq", "repeats"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be positive")
+    start = time.perf_counter()
+    code = args.func(args)
+    print(f"\ndone in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
