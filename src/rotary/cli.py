@@ -82,6 +82,40 @@ def _targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from rotary.bench import run as bench
+    from rotary.bench.contenders import CONTENDERS
+
+    unknown = [c for c in args.contenders or [] if c not in CONTENDERS]
+    if unknown:
+        print(f"rotary bench: unknown contender(s) {unknown}; choose from {list(CONTENDERS)}", file=sys.stderr)
+        return 2
+    try:
+        from tqdm import tqdm
+
+        def progress(total):
+            return tqdm(total=total, desc="bench", unit="case", leave=False)
+    except ImportError:
+        progress = None
+    env = bench.environment(args.device)
+    print(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+    records = bench.run(quick=args.quick, dtypes=tuple(args.dtypes), contenders=args.contenders, device=args.device,
+                        compile=args.compile, repeats=args.repeats, progress=progress)
+    print(bench.table(records))
+    print("median ± interquartile range / median; 'x copy' = time of a same-size tensor copy (the memory floor)")
+    if args.json:
+        bench.to_json(records, args.json, env)
+        print(f"wrote {args.json}")
+    if args.plot:
+        try:
+            bench.plot(records, args.plot)
+            print(f"wrote {args.plot}")
+        except ImportError:
+            print("--plot needs matplotlib: pip install 'rotary[plot]'", file=sys.stderr)
+            return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotary", description="Rotary position embeddings with learned rotations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser("bench", help="speed and peak memory against other RoPE implementations")
+    bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under 90 s on 2 CPU cores)")
+    bench.add_argument("--json", metavar="PATH", help="write machine-readable results")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--contenders", nargs="+", default=None, metavar="NAME", help="subset of contenders to run")
+    bench.add_argument("--compile", action="store_true", help="torch.compile every contender's forward")
+    bench.add_argument("--repeats", type=int, default=None)
+    bench.set_defaults(func=_bench)
     tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
     tg.add_argument("--repeats", type=int, default=15)
     tg.set_defaults(func=_targets)
@@ -104,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("dims", "heads", "batch", "seq", "repeats"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             parser.error(f"--{name} must be positive")
     start = time.perf_counter()
     code = args.func(args)
