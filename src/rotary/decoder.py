@@ -81,7 +81,10 @@ class DecoderConfig:
 
 @dataclass
 class KVCache:
-    """Keys and values of every layer for positions ``0 .. offset - 1``; extended in place by each forward.
+    """Keys and values of every layer for the positions before ``offset``; extended in place by each forward.
+
+    ``offset`` is the position of the next token. A fresh cache starts at 0; ``KVCache(offset=n)`` starts a
+    sequence at position n (the cached keys are then positions ``n .. offset - 1``).
 
     ``keys[i]``, ``values[i]``: ``(B, S, H, D)`` self-attention, keys already rotated ("rotary-attention").
     ``cross[i]``: ``(keys, values)`` ``(B, A, H, D)`` of cross-attention, computed from ``xa`` at the first call.
@@ -113,20 +116,20 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Ten
     return torch.cat([scaled.sin(), scaled.cos()], dim=1).float()
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, *, causal_offset: int | None) -> Tensor:
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
     """Attention of q ``(B, T, H, D)`` over k, v ``(B, S, H, D)``; returns ``(B, T, H*D)``.
 
-    causal_offset: None for cross-attention (no mask); otherwise the position of q's first row, the keys being at
-    ``0 .. S-1``.
+    causal: the T queries are the last T of the S key positions, and each sees the keys up to its own position
+    (a bottom-right aligned mask). Cross-attention passes False.
     """
     B, T, H, D = q.shape
     S = k.shape[1]
     mask, is_causal = None, False
-    if causal_offset is not None and T > 1:
-        if causal_offset == 0 and S == T:
-            is_causal = True  # SDPA's own causal mask is aligned top-left, right only when q and k start together
+    if causal and T > 1:
+        if S == T:
+            is_causal = True  # SDPA's own causal mask is top-left aligned: right only when q and k start together
         else:
-            rows = causal_offset + torch.arange(T, device=q.device)
+            rows = torch.arange(T, device=q.device) + (S - T)
             mask = torch.arange(S, device=q.device) <= rows[:, None]  # (T, S), True = may attend
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
@@ -167,7 +170,7 @@ class SelfAttention(nn.Module):
             else:
                 cache.keys.append(k)
                 cache.values.append(v)
-        return self.out(_attend(q, k, v, causal_offset=offset))
+        return self.out(_attend(q, k, v, causal=True))
 
 
 class CrossAttention(nn.Module):
@@ -191,7 +194,7 @@ class CrossAttention(nn.Module):
             v = self.value(xa).unflatten(-1, (self.heads, self.head_dim))
             if cache is not None:
                 cache.cross.append((k, v))
-        return self.out(_attend(q, k, v, causal_offset=None))
+        return self.out(_attend(q, k, v, causal=False))
 
 
 class Block(nn.Module):
