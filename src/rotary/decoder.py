@@ -1,0 +1,325 @@
+"""A compact reference decoder in the style of openai-whisper's ``TextDecoder``, with every positional mode.
+
+    config = DecoderConfig(vocab=51865, positional="rotary-attention", mixing="givens")
+    model = Decoder(config)
+    logits = model(tokens)                         # decoder-only LM (config.xa_dims is None)
+    logits = model(tokens, xa, cache=cache)        # with cross-attention and a KV cache
+
+Shapes: B batch, T new tokens, S cached + new positions, A audio frames, C dims, H heads, D head_dim, V vocab.
+
+Data flow: tokens -> embedding (+ learned or sinusoidal table; -> Rotary for "rotary-embedding") -> blocks
+(pre-LayerNorm residual: causal self-attention, whose q and k go through the shared Rotary for
+"rotary-attention"; optional cross-attention to ``xa``, never rotated; MLP) -> LayerNorm -> logits tied to the
+token embedding.
+
+Positions are explicit: a forward starts at ``cache.offset`` (0 without a cache) and the cache records how many
+positions it holds. Keys are cached after rotation, since a position never changes once written, so each step
+rotates only the new query and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .module import Rotary
+
+__all__ = ["POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
+
+POSITIONAL = ("learned", "sinusoidal", "none", "rotary-embedding", "rotary-attention")
+
+
+@dataclass
+class DecoderConfig:
+    """Everything needed to rebuild a :class:`Decoder`; stored in its checkpoints.
+
+    Args:
+        vocab: vocabulary size V.
+        ctx: the longest sequence for the "learned" and "sinusoidal" tables (rotary modes have no limit).
+        dims: model width C.
+        heads: attention heads H; ``head_dim = dims // heads``.
+        layers: residual blocks.
+        xa_dims: width of the cross-attention input ``xa`` (e.g. the audio encoder's); None for a decoder-only LM.
+        positional: one of :data:`POSITIONAL`.
+        mixing, interleaved, rotary_dim, base, learned_freq: the :class:`rotary.Rotary` options (rotary modes only).
+    """
+
+    vocab: int
+    ctx: int = 448
+    dims: int = 384
+    heads: int = 6
+    layers: int = 4
+    xa_dims: int | None = None
+    positional: str = "rotary-attention"
+    mixing: str | None = "givens"
+    interleaved: bool = True
+    rotary_dim: int | None = None
+    base: float = 10000.0
+    learned_freq: bool = False
+
+    def __post_init__(self):
+        if self.positional not in POSITIONAL:
+            raise ValueError(f"positional must be one of {POSITIONAL}, got {self.positional!r}")
+        for name in ("vocab", "ctx", "dims", "heads", "layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.dims % self.heads != 0:
+            raise ValueError(f"dims ({self.dims}) must be divisible by heads ({self.heads})")
+        if self.xa_dims is not None and (not isinstance(self.xa_dims, int) or self.xa_dims < 1):
+            raise ValueError(f"xa_dims must be a positive int or None, got {self.xa_dims!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dims // self.heads
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for the positions before ``offset``; extended in place by each forward.
+
+    ``offset`` is the position of the next token. A fresh cache starts at 0; ``KVCache(offset=n)`` starts a
+    sequence at position n (the cached keys are then positions ``n .. offset - 1``).
+
+    ``keys[i]``, ``values[i]``: ``(B, S, H, D)`` self-attention, keys already rotated ("rotary-attention").
+    ``cross[i]``: ``(keys, values)`` ``(B, A, H, D)`` of cross-attention, computed from ``xa`` at the first call.
+    """
+
+    offset: int = 0
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    cross: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    def reorder(self, indices: Tensor) -> KVCache:
+        """Select (and repeat) batch rows in place, e.g. the surviving beams: ``indices`` ``(B',)`` long."""
+        self.keys = [k.index_select(0, indices) for k in self.keys]
+        self.values = [v.index_select(0, indices) for v in self.values]
+        self.cross = [(k.index_select(0, indices), v.index_select(0, indices)) for k, v in self.cross]
+        return self
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> Tensor:
+    """Whisper's sinusoidal table ``(length, channels)``: sines then cosines, geometric timescales.
+
+    Built in float64 and rounded once, so that large positions keep their accuracy.
+    """
+    if channels % 2 != 0:
+        raise ValueError(f"the sinusoidal table needs an even width, got {channels}")
+    log_increment = math.log(max_timescale) / max(channels // 2 - 1, 1)
+    inv_timescales = torch.exp(-log_increment * torch.arange(channels // 2, dtype=torch.float64))
+    scaled = torch.arange(length, dtype=torch.float64)[:, None] * inv_timescales[None, :]
+    return torch.cat([scaled.sin(), scaled.cos()], dim=1).float()
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
+    """Attention of q ``(B, T, H, D)`` over k, v ``(B, S, H, D)``; returns ``(B, T, H*D)``.
+
+    causal: the T queries are the last T of the S key positions, and each sees the keys up to its own position
+    (a bottom-right aligned mask). Cross-attention passes False.
+    """
+    B, T, H, D = q.shape
+    S = k.shape[1]
+    mask, is_causal = None, False
+    if causal and T > 1:
+        if S == T:
+            is_causal = True  # SDPA's own causal mask is top-left aligned: right only when q and k start together
+        else:
+            rows = torch.arange(T, device=q.device) + (S - T)
+            mask = torch.arange(S, device=q.device) <= rows[:, None]  # (T, S), True = may attend
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal
+    )  # (B, H, T, D)
+    return y.transpose(1, 2).reshape(B, T, H * D)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention; ``query``/``key``/``value``/``out`` named as in openai-whisper.
+
+    The key projection has no bias, as in Whisper: a key bias adds the same amount to every score of a query, which
+    softmax ignores (and with RoPE it would turn into a position-dependent term no one asked for).
+    """
+
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dims // heads
+        self.query = nn.Linear(dims, dims)
+        self.key = nn.Linear(dims, dims, bias=False)
+        self.value = nn.Linear(dims, dims)
+        self.out = nn.Linear(dims, dims)
+
+    def forward(
+        self, x: Tensor, *, offset: int, rotary: Rotary | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
+        B, T, C = x.shape
+        q = self.query(x).view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
+        k = self.key(x).view(B, T, self.heads, self.head_dim)
+        v = self.value(x).view(B, T, self.heads, self.head_dim)
+        if rotary is not None:
+            q = rotary(q, offset=offset)
+            k = rotary(k, offset=offset)
+        if cache is not None:
+            if layer < len(cache.keys):
+                k = torch.cat([cache.keys[layer], k], dim=1)  # (B, S, H, D)
+                v = torch.cat([cache.values[layer], v], dim=1)
+                cache.keys[layer], cache.values[layer] = k, v
+            else:
+                cache.keys.append(k)
+                cache.values.append(v)
+        return self.out(_attend(q, k, v, causal=True))
+
+
+class CrossAttention(nn.Module):
+    """Attention from the text to ``xa`` ``(B, A, xa_dims)``: no positions, no rotation, keys computed once."""
+
+    def __init__(self, dims: int, heads: int, xa_dims: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dims // heads
+        self.query = nn.Linear(dims, dims)
+        self.key = nn.Linear(xa_dims, dims, bias=False)
+        self.value = nn.Linear(xa_dims, dims)
+        self.out = nn.Linear(dims, dims)
+
+    def forward(self, x: Tensor, xa: Tensor, *, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        q = self.query(x).view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
+        if cache is not None and layer < len(cache.cross):
+            k, v = cache.cross[layer]
+        else:
+            k = self.key(xa).unflatten(-1, (self.heads, self.head_dim))  # (B, A, H, D)
+            v = self.value(xa).unflatten(-1, (self.heads, self.head_dim))
+            if cache is not None:
+                cache.cross.append((k, v))
+        return self.out(_attend(q, k, v, causal=False))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block: self-attention, optional cross-attention, MLP (4x, GELU)."""
+
+    def __init__(self, dims: int, heads: int, xa_dims: int | None):
+        super().__init__()
+        self.attn_ln = nn.LayerNorm(dims)
+        self.attn = SelfAttention(dims, heads)
+        self.cross_attn_ln = nn.LayerNorm(dims) if xa_dims is not None else None
+        self.cross_attn = CrossAttention(dims, heads, xa_dims) if xa_dims is not None else None
+        self.mlp_ln = nn.LayerNorm(dims)
+        self.mlp = nn.Sequential(nn.Linear(dims, 4 * dims), nn.GELU(), nn.Linear(4 * dims, dims))
+
+    def forward(
+        self,
+        x: Tensor,
+        xa: Tensor | None,
+        *,
+        offset: int,
+        rotary: Rotary | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), offset=offset, rotary=rotary, cache=cache, layer=layer)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_attn_ln(x), xa, cache=cache, layer=layer)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class Decoder(nn.Module):
+    """Whisper-style text decoder (see the module docstring), built from a :class:`DecoderConfig`."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.token_embedding = nn.Embedding(c.vocab, c.dims)
+        if c.positional == "learned":
+            self.positional_embedding = nn.Parameter(torch.empty(c.ctx, c.dims))
+        elif c.positional == "sinusoidal":
+            # A constant: non-persistent, so checkpoints hold only learned weights.
+            self.register_buffer("positional_embedding", sinusoids(c.ctx, c.dims), persistent=False)
+        else:
+            self.positional_embedding = None
+        if c.positional in ("rotary-embedding", "rotary-attention"):
+            # One module shared by every layer (torchtune's rope, passed to each layer): one cos/sin table, one P.
+            self.rotary = Rotary(
+                c.dims,
+                c.heads,
+                base=c.base,
+                mixing=c.mixing,
+                interleaved=c.interleaved,
+                rotary_dim=c.rotary_dim,
+                learned_freq=c.learned_freq,
+            )
+        else:
+            self.rotary = None
+        self.blocks = nn.ModuleList(Block(c.dims, c.heads, c.xa_dims) for _ in range(c.layers))
+        self.ln = nn.LayerNorm(c.dims)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation for the tables: small normals, so tied logits start near uniform.
+
+        (Whisper leaves its learned table as ``torch.empty`` and relies on loading a checkpoint.)
+        """
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        if isinstance(self.positional_embedding, nn.Parameter):
+            nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def forward(self, tokens: Tensor, xa: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
+        """Logits ``(B, T, V)`` float32 for ``tokens`` ``(B, T)`` at positions ``offset .. offset + T - 1``.
+
+        Args:
+            tokens: ``(B, T)`` long.
+            xa: ``(B, A, xa_dims)`` features to cross-attend to; required iff ``config.xa_dims`` is set.
+            cache: a :class:`KVCache`, extended in place; the new tokens start at ``cache.offset``.
+        """
+        c = self.config
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        if (xa is None) != (c.xa_dims is None):
+            raise ValueError(
+                "xa is required by a decoder with cross-attention (config.xa_dims set) and rejected by one without"
+            )
+        offset = cache.offset if cache is not None else 0
+        T = tokens.shape[1]
+        x = self.token_embedding(tokens)  # (B, T, C)
+        if self.positional_embedding is not None:
+            if offset + T > c.ctx:
+                raise ValueError(f"positions up to {offset + T} exceed the {c.positional} table (ctx={c.ctx})")
+            x = x + self.positional_embedding[offset : offset + T]
+        if c.positional == "rotary-embedding":
+            x = self.rotary(x, offset=offset)
+        if xa is not None:
+            x = x.to(xa.dtype)
+        rotary = self.rotary if c.positional == "rotary-attention" else None
+        for layer, block in enumerate(self.blocks):
+            x = block(x, xa, offset=offset, rotary=rotary, cache=cache, layer=layer)
+        if cache is not None:
+            cache.offset = offset + T
+        x = self.ln(x)
+        return (x @ self.token_embedding.weight.to(x.dtype).T).float()  # (B, T, V), tied to the embedding
+
+    @staticmethod
+    def reorder_cache(cache: KVCache, indices: Tensor) -> KVCache:
+        """Beam search: keep batch rows ``indices`` of the cache (in place), returns it."""
+        return cache.reorder(indices)
+
+    def attention_rotaries(self):
+        """``(attention, rotary)`` for every self-attention whose q and k go through a Rotary (used by ``fold``)."""
+        if self.config.positional == "rotary-attention":
+            for block in self.blocks:
+                yield block.attn, self.rotary
+
+
+def save(model: Decoder, path) -> None:
+    """Write ``{"config": ..., "state_dict": ...}`` (config as a plain dict, loadable with ``weights_only``)."""
+    torch.save({"config": dataclasses.asdict(model.config), "state_dict": model.state_dict()}, path)
+
+
+def load(path, *, device="cpu") -> Decoder:
+    """Rebuild a :class:`Decoder` from a :func:`save` checkpoint on ``device`` (strict state_dict load)."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = Decoder(DecoderConfig(**checkpoint["config"])).to(device)
+    model.load_state_dict(checkpoint["state_dict"])
+    return model

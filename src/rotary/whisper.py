@@ -1,0 +1,171 @@
+"""Install a :class:`rotary.Rotary` into an openai-whisper model's text decoder, in place, without editing whisper.
+
+    model = whisper.load_model("base")                 # or whisper.model.Whisper(ModelDimensions(...))
+    rotary.whisper.install(model, placement="attention", mixing="givens")
+
+openai-whisper is an optional dependency: ``pip install 'rotary[whisper]'``.
+
+What changes, and nothing else:
+- ``model.decoder.rotary``: one Rotary for the whole decoder, a registered submodule, so its parameters are in
+  ``named_parameters()`` and ``state_dict()`` (``decoder.rotary.*``).
+- ``model.decoder.forward``: whisper's own ``TextDecoder.forward`` with the positional step changed. With
+  ``learned_positions`` (default: True for the embedding placement, False for the attention placement) whisper's
+  learned table ``positional_embedding`` is added as before; otherwise it is bypassed: it stays in the
+  state_dict, untouched, and receives no gradient. The embedding placement then rotates the embedded tokens.
+- attention placement only: the ``forward`` of every decoder *self*-attention rotates q and k with the shared
+  Rotary before whisper's own ``qkv_attention``. Cross-attention and values are never rotated.
+
+Whisper's KV-cache hooks (``install_kv_cache_hooks``) store the outputs of the ``key``/``value`` projections, i.e.
+keys before rotation. So each step rotates the whole key sequence from position 0 and the queries at the last
+positions: exact, and O(S) rotations per step instead of O(1) (the reference :class:`rotary.decoder.Decoder`
+caches rotated keys instead). ``decode()``, ``transcribe()``, beam search (which reorders the cache) and the
+alignment hooks keep working, since the module tree, parameter names and hooks are whisper's own.
+
+The replaced forwards are small picklable objects stored on the instances (``module.__dict__["forward"]``), so
+``copy.deepcopy`` and ``torch.save(model)`` work; :func:`uninstall` deletes them and the Rotary.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .module import Rotary
+
+__all__ = ["PLACEMENTS", "attention_rotaries", "embedding_rotaries", "install", "installed_placement", "uninstall"]
+
+PLACEMENTS = ("attention", "embedding")
+
+
+def _whisper_model():
+    try:
+        import whisper.model
+    except ImportError as error:
+        raise ImportError(
+            "rotary.whisper needs openai-whisper, which is an optional extra: pip install 'rotary[whisper]'"
+        ) from error
+    return whisper.model
+
+
+class _TextDecoderForward:
+    """``TextDecoder.forward`` of openai-whisper, with the rotary's positional step."""
+
+    def __init__(self, decoder: nn.Module, placement: str, learned_positions: bool):
+        self.decoder, self.placement, self.learned_positions = decoder, placement, learned_positions
+
+    def __call__(self, x: Tensor, xa: Tensor, kv_cache: dict | None = None) -> Tensor:
+        """x: ``(B, T)`` tokens; xa: ``(B, A, n_audio_state)``; returns logits ``(B, T, n_vocab)`` float32."""
+        d = self.decoder
+        # Whisper's own rule: the first cached tensor (layer 0's self-attention keys) holds the positions so far.
+        offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+        T = x.shape[-1]
+        x = d.token_embedding(x)  # (B, T, C)
+        if self.learned_positions:
+            x = x + d.positional_embedding[offset : offset + T]
+        if self.placement == "embedding":
+            x = d.rotary(x, offset=offset)
+        x = x.to(xa.dtype)
+        for block in d.blocks:
+            x = block(x, xa, mask=d.mask, kv_cache=kv_cache)
+        x = d.ln(x)
+        return (x @ d.token_embedding.weight.to(x.dtype).T).float()
+
+
+class _SelfAttentionForward:
+    """``MultiHeadAttention.forward`` of openai-whisper for self-attention, with q and k rotated."""
+
+    def __init__(self, attn: nn.Module, rotary: Rotary):
+        # A plain reference, not a submodule: the Rotary is registered once, at model.decoder.rotary.
+        self.attn, self.rotary = attn, rotary
+
+    def __call__(self, x: Tensor, xa: Tensor | None = None, mask: Tensor | None = None, kv_cache: dict | None = None):
+        """x: ``(B, T, C)``. Returns ``(out (B, T, C), qk or None)`` like whisper."""
+        if xa is not None:
+            raise ValueError("a rotary self-attention got xa: cross-attention modules are never rotated")
+        a = self.attn
+        q = a.query(x)  # (B, T, C)
+        # With whisper's KV-cache hooks installed, key() and value() return the cached positions 0 .. S-T-1
+        # followed by the new ones: (B, S, C), keys not yet rotated.
+        k = a.key(x)
+        v = a.value(x)
+        q = self.rotary(q, offset=k.shape[1] - q.shape[1])
+        k = self.rotary(k)
+        wv, qk = a.qkv_attention(q, k, v, mask)
+        return a.out(wv), qk
+
+
+def install(model: nn.Module, *, placement: str = "attention", learned_positions: bool | None = None, **rotary_options):
+    """Install one Rotary into ``model.decoder`` (an openai-whisper ``Whisper``), in place; returns the model.
+
+    Args:
+        model: a ``whisper.model.Whisper``. Load or initialise its weights before installing: the state_dict of
+            an installed model has the extra ``decoder.rotary.*`` entries.
+        placement: ``"attention"`` (q and k of every decoder self-attention; scores depend only on relative
+            position) or ``"embedding"`` (once, on the embedded tokens: an absolute, multiplicative encoding).
+        learned_positions: keep adding whisper's learned absolute table; default True for ``"embedding"`` (the
+            request document's form), False for ``"attention"`` (RoPE replaces the table).
+        rotary_options: keyword arguments of :class:`rotary.Rotary` (``mixing``, ``interleaved``, ``rotary_dim``,
+            ``base``, ``learned_freq``).
+
+    A pretrained Whisper has never seen rotated queries, keys or embeddings: installing changes its outputs
+    (even with P = I, RoPE itself is new to it), so fine-tune after installing.
+    """
+    wm = _whisper_model()
+    if not isinstance(model, wm.Whisper):
+        raise TypeError(f"install expects an openai-whisper Whisper model, got {type(model).__name__}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    decoder = model.decoder
+    if installed_placement(model) is not None:
+        raise RuntimeError("a rotary is already installed in this model: call rotary.whisper.uninstall(model) first")
+    if "rotary" in decoder._modules or "rotary" in decoder.__dict__:
+        raise RuntimeError("model.decoder already has an attribute named 'rotary'")
+    if learned_positions is None:
+        learned_positions = placement == "embedding"
+    # Built in float32 on the decoder's device: Rotary computes in float32 whatever the activations' dtype.
+    rot = Rotary(model.dims.n_text_state, model.dims.n_text_head, **rotary_options)
+    decoder.rotary = rot.to(decoder.token_embedding.weight.device)
+    decoder.forward = _TextDecoderForward(decoder, placement, bool(learned_positions))
+    if placement == "attention":
+        for block in decoder.blocks:
+            block.attn.forward = _SelfAttentionForward(block.attn, decoder.rotary)
+    return model
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Remove what :func:`install` added and restore whisper's own forwards, in place; returns the model.
+
+    The decoder's weights are left as they are: a model fine-tuned with a rotary (or folded by
+    :func:`rotary.fold`) computes something else without it.
+    """
+    decoder = model.decoder
+    if installed_placement(model) is None:
+        raise ValueError("no rotary is installed in this model")
+    for block in decoder.blocks:
+        if isinstance(block.attn.__dict__.get("forward"), _SelfAttentionForward):
+            del block.attn.forward
+    del decoder.forward
+    del decoder.rotary
+    return model
+
+
+def installed_placement(model: nn.Module) -> str | None:
+    """``"attention"`` or ``"embedding"`` if :func:`install` put a rotary into ``model`` (a Whisper), else None."""
+    decoder = getattr(model, "decoder", None)
+    forward = decoder.__dict__.get("forward") if isinstance(decoder, nn.Module) else None
+    return forward.placement if isinstance(forward, _TextDecoderForward) else None
+
+
+def attention_rotaries(module: nn.Module):
+    """``(attention, rotary)`` for every whisper self-attention in ``module`` that install() made rotate q and k."""
+    for m in module.modules():
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, _SelfAttentionForward):
+            yield m, forward.rotary
+
+
+def embedding_rotaries(module: nn.Module):
+    """The rotaries that install() placed on the token embeddings of whisper decoders in ``module``."""
+    for m in module.modules():
+        forward = m.__dict__.get("forward")
+        if isinstance(forward, _TextDecoderForward) and forward.placement == "embedding":
+            yield m.rotary

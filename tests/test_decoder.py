@@ -1,0 +1,225 @@
+"""The reference decoder against a float64 oracle, incremental decoding against full forwards, folding, beams."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rotary
+from rotary import rotary_reference
+from rotary.decoder import POSITIONAL, Decoder, DecoderConfig, KVCache, load, save
+
+VOCAB, XA_DIMS = 97, 24
+
+
+def _model(positional="rotary-attention", xa=False, mixing="givens", dims=48, heads=4, layers=2, **kw):
+    cfg = DecoderConfig(vocab=VOCAB, ctx=64, dims=dims, heads=heads, layers=layers,
+                        xa_dims=XA_DIMS if xa else None, positional=positional, mixing=mixing, **kw)
+    model = Decoder(cfg).eval()
+    if model.rotary is not None:
+        with torch.no_grad():  # away from the identity, so that P matters everywhere it is tested
+            for p in model.rotary.parameters():
+                p.normal_(std=0.1 if p is model.rotary.log_freq_scale else 1.0)
+    return model
+
+
+def _inputs(B=3, T=13, xa=False):
+    tokens = torch.randint(0, VOCAB, (B, T))
+    return tokens, (torch.randn(B, 7, XA_DIMS) if xa else None)
+
+
+def _reference(model: Decoder, tokens, xa=None) -> torch.Tensor:
+    """Naive float64 forward: explicit masked softmax, rotations by ``rotary_reference``, no cache."""
+    c = model.config
+    m = copy.deepcopy(model).double()
+    B, T = tokens.shape
+    H, D = c.heads, c.head_dim
+    pos = torch.arange(T)
+
+    def rope(t):  # (B, T, C) -> R(m) P t per head
+        r = m.rotary
+        return rotary_reference(t.view(B, T, H, D), pos, rotary_dim=r.rotary_dim, interleaved=r.interleaved,
+                                mixing=r.mixing_matrix(torch.float64), freqs=r.frequencies()).reshape(B, T, H * D)
+
+    def attention(attn, x, kv, causal):
+        q = attn.query(x).view(B, T, H, D).transpose(1, 2)
+        S = kv.shape[1]
+        k = attn.key(kv).view(B, S, H, D).transpose(1, 2)
+        v = attn.value(kv).view(B, S, H, D).transpose(1, 2)
+        if causal and c.positional == "rotary-attention":
+            q = rope(q.transpose(1, 2).reshape(B, T, -1)).view(B, T, H, D).transpose(1, 2)
+            k = rope(k.transpose(1, 2).reshape(B, T, -1)).view(B, T, H, D).transpose(1, 2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, S)
+        if causal:
+            scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool).triu(1), float("-inf"))
+        return attn.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D))
+
+    x = m.token_embedding.weight[tokens]
+    if c.positional == "learned":
+        x = x + m.positional_embedding[:T]
+    if c.positional == "sinusoidal":
+        half = c.dims // 2
+        table = [[f(t * 10000 ** (-i / (half - 1))) for f in (math.sin, math.cos) for i in range(half)]
+                 for t in range(T)]
+        x = x + torch.tensor(table, dtype=torch.float64)
+    if c.positional == "rotary-embedding":
+        x = rope(x)
+    for blk in m.blocks:
+        x = x + attention(blk.attn, blk.attn_ln(x), blk.attn_ln(x), causal=True)
+        if blk.cross_attn is not None:
+            x = x + attention(blk.cross_attn, blk.cross_attn_ln(x), xa.double(), causal=False)
+        x = x + blk.mlp(blk.mlp_ln(x))
+    return m.ln(x) @ m.token_embedding.weight.T
+
+
+def _incremental(model, tokens, xa, chunks, cache=None):
+    """Logits of tokens fed through a KV cache in the given chunk sizes (which sum to T)."""
+    cache = cache if cache is not None else KVCache()
+    out, start, first = [], 0, cache.offset
+    for n in chunks:
+        out.append(model(tokens[:, start : start + n], xa, cache=cache))
+        start += n
+    assert cache.offset == first + start
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("positional", POSITIONAL)
+@pytest.mark.parametrize("xa", [False, True])
+def test_matches_float64_reference(positional, xa):
+    model = _model(positional, xa)
+    tokens, feats = _inputs(xa=xa)
+    with torch.no_grad():
+        got = model(tokens, feats)
+        want = _reference(model, tokens, feats)
+    assert got.dtype == torch.float32 and got.shape == (3, 13, VOCAB)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("positional", POSITIONAL)
+@pytest.mark.parametrize("xa", [False, True])
+@pytest.mark.parametrize("chunks", [[1] * 13, [4, 3, 1, 1, 4]])
+def test_incremental_equals_full(positional, xa, chunks):
+    model = _model(positional, xa)
+    tokens, feats = _inputs(xa=xa)
+    with torch.no_grad():
+        full = model(tokens, feats)
+        inc = _incremental(model, tokens, feats, chunks)
+    assert (full - inc).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("positional", POSITIONAL)
+def test_reorder_cache_for_beam_search(positional):
+    model = _model(positional, xa=True)
+    tokens, feats = _inputs(B=2, T=6, xa=True)
+    more = torch.randint(0, VOCAB, (3, 4))
+    beams = torch.tensor([1, 0, 1])  # beam 0 continues sequence 1, beam 2 duplicates it
+    with torch.no_grad():
+        cache = KVCache()
+        model(tokens, feats, cache=cache)
+        Decoder.reorder_cache(cache, beams)
+        inc = _incremental(model, more, feats[beams], [1, 2, 1], cache=cache)
+        full = model(torch.cat([tokens[beams], more], dim=1), feats[beams])[:, 6:]
+    assert (full - inc).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("positional,relative", [("rotary-attention", True), ("none", True),
+                                                 ("rotary-embedding", False), ("learned", False)])
+def test_relative_only_in_the_attention_placement(positional, relative):
+    """Starting the same text at position 29 changes nothing iff scores depend only on relative positions."""
+    model = _model(positional, xa=False)
+    tokens, _ = _inputs(T=9)
+    with torch.no_grad():
+        at0 = model(tokens)
+        at29 = model(tokens, cache=KVCache(offset=29))
+    diff = (at0 - at29).abs().max()
+    assert diff <= 1e-5 if relative else diff > 1e-3
+
+
+@pytest.mark.parametrize("mixing", ["givens", "orthogonal", "quaternion"])
+@pytest.mark.parametrize("interleaved,rotary_dim", [(True, None), (False, 6)])
+def test_fold_keeps_logits_and_exact_cache(mixing, interleaved, rotary_dim, tmp_path):
+    model = _model("rotary-attention", xa=True, mixing=mixing, interleaved=interleaved, rotary_dim=rotary_dim)
+    tokens, feats = _inputs(xa=True)
+    with torch.no_grad():
+        before = model(tokens, feats)
+        assert rotary.fold(model) is model
+        after = model(tokens, feats)
+        inc = _incremental(model, tokens, feats, [5, 1, 1, 6])
+    assert model.rotary.mixing is None and model.config.mixing is None
+    assert not any("mixing" in k for k in model.state_dict())
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+    assert (after - inc).abs().max() <= 1e-5
+    save(model, tmp_path / "folded.pt")  # the folded config rebuilds a plain-RoPE model that loads strictly
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "folded.pt")(tokens, feats), after)
+
+
+def test_fold_leaves_embedding_placement_and_plain_models_alone():
+    for positional in ("rotary-embedding", "learned"):
+        model = _model(positional)
+        tokens, _ = _inputs()
+        state = copy.deepcopy(model.state_dict())
+        with torch.no_grad():
+            before = model(tokens)
+            rotary.fold(model)
+            assert torch.equal(model(tokens), before)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert model.config.positional == "learned"
+
+
+@pytest.mark.parametrize("positional", POSITIONAL)
+def test_save_load_roundtrip_bit_identical(positional, tmp_path):
+    model = _model(positional, xa=True, learned_freq=True)
+    tokens, feats = _inputs(xa=True)
+    save(model, tmp_path / "m.pt")
+    loaded = load(tmp_path / "m.pt")
+    assert loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(tokens, feats), model(tokens, feats))
+
+
+@pytest.mark.parametrize("positional", ["rotary-attention", "rotary-embedding"])
+def test_training_steps_update_rotary(positional):
+    model = _model(positional, mixing="givens", learned_freq=True).train()
+    with torch.no_grad():
+        for p in model.rotary.parameters():
+            p.zero_()  # from the identity, as in real training
+    start = {n: p.detach().clone() for n, p in model.rotary.named_parameters()}
+    assert set(start) == {"mixing.angles", "log_freq_scale"}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tokens, _ = _inputs(B=4, T=16)
+    for _ in range(3):
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.isfinite(loss)
+    for n, p in model.rotary.named_parameters():
+        assert not torch.equal(p, start[n]), n
+
+
+def test_learned_table_is_initialised():
+    a, b = _model("learned"), _model("learned")
+    for m in (a, b):
+        table = m.positional_embedding
+        assert torch.isfinite(table).all() and 0.005 < table.std() < 0.02
+    assert not torch.equal(a.positional_embedding, b.positional_embedding)  # drawn from the RNG, not left empty
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="positional"):
+        DecoderConfig(vocab=10, positional="alibi")
+    with pytest.raises(ValueError, match="divisible"):
+        DecoderConfig(vocab=10, dims=10, heads=3)
+    tokens, feats = _inputs(xa=True)
+    with pytest.raises(ValueError, match="xa"):
+        _model(xa=True)(tokens)
+    with pytest.raises(ValueError, match="xa"):
+        _model(xa=False)(tokens, feats)
+    with pytest.raises(ValueError, match="ctx"):
+        _model("learned")(tokens, cache=KVCache(offset=60))
+    _model("rotary-attention")(tokens, cache=KVCache(offset=1000))  # rotary modes have no table to run out of
