@@ -116,6 +116,56 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from rotary.experiments.compare import QUICK, CompareError, run_comparison
+    from rotary.experiments.data import DataError
+    from rotary.experiments.train import TrainConfig
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    rank = dist.get_rank() if world > 1 else 0
+    base = QUICK if args.quick else TrainConfig()
+    overrides = {k: getattr(args, k) for k in ("steps", "batch", "length", "dims", "layers") if getattr(args, k)}
+    cfg = TrainConfig(**{**base.__dict__, **overrides})
+    progress = None
+    if rank == 0:
+        try:
+            from tqdm import tqdm
+
+            def progress(total):
+                return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+        except ImportError:
+            pass
+    seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    try:
+        result = run_comparison(tasks=args.tasks, schemes=args.schemes, seeds=seeds, cfg=cfg, out=Path(args.out),
+                                data=args.data, resume=args.resume, device=device, progress=progress)
+    except (CompareError, DataError) as e:
+        print(f"rotary compare: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if rank == 0 and result is not None:
+        print(result["markdown"])
+        print("\nwrote " + ", ".join(str(f) for f in result["files"]))
+        if not any(str(f).endswith(".png") for f in result["files"]):
+            print("plots need matplotlib: pip install 'rotary[plot]'", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotary", description="Rotary position embeddings with learned rotations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="torch.compile every contender's forward")
     bench.add_argument("--repeats", type=int, default=None)
     bench.set_defaults(func=_bench)
+    from rotary.experiments.data import TASKS
+    from rotary.experiments.schemes import SCHEMES
+
+    cmp = sub.add_parser("compare", help="train small decoders with each positional scheme and compare them")
+    cmp.add_argument("--schemes", nargs="+", default=list(SCHEMES), metavar="SCHEME",
+                     help=f"default: all of {', '.join(SCHEMES)}")
+    cmp.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    cmp.add_argument("--seeds", type=int, default=None, help="seeds per scheme (default 3; 1 with --quick)")
+    cmp.add_argument("--data", default=None, help="a text file or folder for the text task (default: Python's stdlib)")
+    cmp.add_argument("--out", default="runs/compare", help="output folder: report.md, results.json, PNGs")
+    cmp.add_argument("--resume", action="store_true", help="continue the runs in --out")
+    cmp.add_argument("--quick", action="store_true", help="tiny model, few steps (under 2 minutes)")
+    cmp.add_argument("--device", default=None)
+    for name in ("steps", "batch", "length", "dims", "layers"):
+        cmp.add_argument(f"--{name}", type=int, default=None, help="override the budget")
+    cmp.set_defaults(func=_compare)
     tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
     tg.add_argument("--repeats", type=int, default=15)
     tg.set_defaults(func=_targets)
@@ -147,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("dims", "heads", "batch", "seq", "repeats"):
+    for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name} must be positive")

@@ -1,0 +1,125 @@
+"""Aggregate run results (mean ± std over seeds) into a terminal/markdown table, JSON and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from rotary.experiments.schemes import DESCRIPTIONS
+
+
+def load_results(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(results: list[dict]) -> dict:
+    """``{task: {scheme: {...}}}`` with mean/std of every metric over seeds."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(r["task"], {}).setdefault(r["scheme"], []).append(r)
+    agg: dict = {}
+    for task, by_scheme in out.items():
+        agg[task] = {}
+        for scheme, runs in by_scheme.items():
+            entry = {"seeds": [r["seed"] for r in runs], "params": runs[0]["params"],
+                     "steps": runs[0]["steps"], "note": runs[0].get("note")}
+            for metric in ("loss", "accuracy"):
+                entry[metric] = {}
+                for key in runs[0][metric]:
+                    vals = [r[metric][key] for r in runs]
+                    entry[metric][key] = None if any(v is None for v in vals) else _mean_std(vals)
+            entry["tokens_per_second"] = _mean_std([r["tokens_per_second"] for r in runs])
+            entry["train_seconds"] = _mean_std([r["train_seconds"] for r in runs])
+            agg[task][scheme] = entry
+    return agg
+
+
+def _fmt(ms, digits=3, scale=1.0):
+    if ms is None:
+        return "n/a"
+    return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
+
+
+def markdown(agg: dict, task_metrics: dict[str, str], schemes: list[str]) -> str:
+    lines = []
+    for task, by_scheme in agg.items():
+        metric = task_metrics.get(task, "loss")
+        keys = list(next(iter(by_scheme.values()))["loss"])
+        lines.append(f"### {task}\n")
+        if metric == "accuracy":
+            header = " | ".join(f"acc % @{k}" for k in keys)
+        else:
+            header = " | ".join(f"loss @{k} (ppl)" for k in keys)
+        lines.append(f"| scheme | params | {header} | tokens/s | train s |")
+        lines.append("|---|---:|" + "---:|" * len(keys) + "---:|---:|")
+        for scheme in [s for s in schemes if s in by_scheme]:
+            e = by_scheme[scheme]
+            if metric == "accuracy":
+                cells = [_fmt(e["accuracy"][k], 1, 100) for k in keys]
+            else:
+                cells = [
+                    "n/a" if e["loss"][k] is None else f"{_fmt(e['loss'][k])} ({math.exp(e['loss'][k][0]):.2f})"
+                    for k in keys
+                ]
+            lines.append(f"| {scheme} | {e['params']:,} | {' | '.join(cells)} | "
+                         f"{e['tokens_per_second'][0]:,.0f} | {e['train_seconds'][0]:.1f} |")
+        notes = sorted({f"{s}: {e['note']}" for s, e in by_scheme.items() if e.get("note")})
+        if notes:
+            lines.append("\nn/a: " + "; ".join(notes))
+        lines.append("")
+    lines.append("Schemes: " + "; ".join(f"`{s}` {DESCRIPTIONS[s]}" for s in schemes) + ".")
+    return "\n".join(lines)
+
+
+def plots(results: list[dict], agg: dict, out: Path, task_metrics: dict[str, str], schemes: list[str]) -> list[Path]:
+    """``curves.png`` (validation loss against step) and ``lengths.png`` (metric against evaluation length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(agg)
+    written = []
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for scheme in [s for s in schemes if s in agg[task]]:
+            runs = [r for r in results if r["task"] == task and r["scheme"] == scheme]
+            steps = [p[0] for p in runs[0]["curve"]]
+            mean = [statistics.fmean(r["curve"][i][1] for r in runs) for i in range(len(steps))]
+            ax.plot(steps, mean, label=scheme)
+        ax.set_title(f"{task}: validation loss at the training length", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = task_metrics.get(task, "loss")
+        for scheme in [s for s in schemes if s in agg[task]]:
+            e = agg[task][scheme][metric]
+            xs = [int(k[:-1]) for k, v in e.items() if v is not None]
+            ys = [v[0] for v in e.values() if v is not None]
+            err = [v[1] for v in e.values() if v is not None]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=scheme)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation length / training length")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{task}: {metric} against length", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = out / "lengths.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    return written

@@ -1,0 +1,196 @@
+"""Training and evaluation of one (task, scheme, seed) run, resumable and data-parallel.
+
+A run's state lives in ``out/checkpoints/<run>.pt`` (written atomically every ``checkpoint_every`` steps) until
+it finishes; then its results go to ``out/runs/<run>.json`` (atomically) and the checkpoint is removed. Batches
+are a function of (seed, step), so a resumed run trains on exactly the batches it would have seen.
+
+Data parallel: under ``torchrun`` every rank takes an equal slice of each global batch; gradients are averaged
+by DistributedDataParallel; rank 0 evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from rotary.decoder import Decoder, DecoderConfig
+from rotary.experiments.data import Task
+from rotary.experiments.schemes import SCHEMES
+
+
+@dataclass
+class TrainConfig:
+    """Budget and model size shared by every scheme of one comparison (stored in ``out/config.json``)."""
+
+    steps: int = 300
+    batch: int = 32
+    length: int = 64  # training sequence length; evaluation at 1x, 2x, 4x, 8x
+    eval_factors: tuple[int, ...] = (1, 2, 4, 8)
+    eval_batches: int = 4
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    lr: float = 3e-3
+    warmup: int = 30
+    dims: int = 64
+    heads: int = 4
+    layers: int = 2
+
+
+@dataclass
+class RunResult:
+    task: str
+    scheme: str
+    seed: int
+    steps: int
+    params: int
+    train_seconds: float
+    tokens_per_second: float
+    curve: list[tuple[int, float]]  # (step, validation loss at the training length)
+    loss: dict[str, float | None] = field(default_factory=dict)  # eval length -> masked loss (None: cannot)
+    accuracy: dict[str, float | None] = field(default_factory=dict)
+    note: str | None = None
+
+
+def run_name(task: str, scheme: str, seed: int) -> str:
+    return f"{task}-{scheme}-seed{seed}"
+
+
+def build_model(task: Task, scheme: str, cfg: TrainConfig) -> Decoder:
+    longest = cfg.length * max(cfg.eval_factors)
+    overrides = dict(SCHEMES[scheme])
+    # the learned table only covers what training saw; sinusoids are a fixed function, so they cover evaluation too
+    ctx = cfg.length if overrides["positional"] == "learned" else longest
+    return Decoder(DecoderConfig(vocab=task.vocab, ctx=ctx, dims=cfg.dims, heads=cfg.heads, layers=cfg.layers,
+                                 **overrides))
+
+
+def _lr(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _masked_loss(logits, targets, mask):
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    return (losses * mask).sum() / mask.sum()
+
+
+@torch.no_grad()
+def evaluate(model: Decoder, task: Task, seed: int, length: int, batches: int, batch: int, device) -> tuple[float, float]:
+    """Masked validation loss and accuracy at ``length`` on fixed validation batches."""
+    model.eval()
+    total_loss = total_correct = total = 0.0
+    for k in range(batches):
+        tokens, targets, mask = (t.to(device) for t in task.batch("val", seed, k, batch, length))
+        logits = model(tokens)
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+        total_loss += float((losses * mask).sum())
+        total_correct += float(((logits.argmax(-1) == targets) & mask).sum())
+        total += float(mask.sum())
+    model.train()
+    return total_loss / total, total_correct / total
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *, device, on_step=None,
+              on_trained=None, interrupt_after: int | None = None) -> RunResult | None:
+    """Train one run to ``cfg.steps`` (resuming from its checkpoint if present); None if interrupted.
+
+    on_step: called after each optimizer step (progress display). on_trained: called with the model on every
+    rank once training ends (the data-parallel test inspects parameters). interrupt_after: stop, as if killed, after this
+    many steps in this call (tests use it to exercise ``--resume``).
+    """
+    rank, world = _world()
+    if cfg.batch % world:
+        raise ValueError(f"batch {cfg.batch} must be divisible by the number of processes {world}")
+    name = run_name(task.name, scheme, seed)
+    ckpt_path = out / "checkpoints" / f"{name}.pt"
+    torch.manual_seed(seed)
+    model = build_model(task, scheme, cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    step, elapsed, curve = 0, 0.0, []
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, curve = state["step"], state["elapsed"], [tuple(p) for p in state["curve"]]
+    trained = model
+    if world > 1:
+        # buffers are deterministic (cos/sin tables); rank 0 alone grows them while evaluating longer sequences
+        trained = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    rows = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)
+    done_here = 0
+    while step < cfg.steps:
+        start = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg)
+        tokens, targets, mask = (t[rows].to(device) for t in task.batch("train", seed, step, cfg.batch, cfg.length))
+        loss = _masked_loss(trained(tokens), targets, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        done_here += 1
+        elapsed += time.perf_counter() - start
+        if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
+            curve.append((step, evaluate(model, task, seed, cfg.length, 1, cfg.batch, device)[0]))
+        if rank == 0 and (step % cfg.checkpoint_every == 0 and step < cfg.steps):
+            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                          "elapsed": elapsed, "curve": curve}, ckpt_path)
+        if on_step:
+            on_step()
+        if interrupt_after is not None and done_here >= interrupt_after and step < cfg.steps:
+            if rank == 0:
+                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                              "elapsed": elapsed, "curve": curve}, ckpt_path)
+            return None
+    if on_trained:
+        on_trained(model)
+    result = None
+    if rank == 0:
+        result = RunResult(task=task.name, scheme=scheme, seed=seed, steps=step,
+                           params=sum(p.numel() for p in model.parameters()), train_seconds=elapsed,
+                           tokens_per_second=step * cfg.batch * cfg.length / max(elapsed, 1e-9), curve=curve)
+        for factor in cfg.eval_factors:
+            length = cfg.length * factor
+            key = f"{factor}x"
+            if model.config.positional in ("learned", "sinusoidal") and length > model.config.ctx:
+                result.loss[key] = result.accuracy[key] = None
+                result.note = f"its table ends at {model.config.ctx} positions"
+                continue
+            result.loss[key], result.accuracy[key] = evaluate(model, task, seed, length, cfg.eval_batches,
+                                                              max(1, cfg.batch // factor), device)
+        _atomic_json(asdict(result), out / "runs" / f"{name}.json")
+        if ckpt_path.exists():
+            ckpt_path.unlink()
+    if world > 1:
+        dist.barrier()
+    return result
+
