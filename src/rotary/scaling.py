@@ -136,12 +136,14 @@ class Scaling:
             raise ValueError(f"scaling rope_type {rope_type!r} is missing required keys {sorted(missing)}")
 
         fields: dict = {"rope_type": rope_type, "rope_theta": _number(params, "rope_theta")}
-        prf = _number(params, "partial_rotary_factor")
-        if prf is not None and prf > 1:
-            raise ValueError(f"scaling['partial_rotary_factor'] must be in (0, 1], got {prf!r}")
+        prf = _number(params, "partial_rotary_factor", positive=False)
         if rope_type == "proportional":  # here it is p-RoPE's fraction, not a smaller rotary_dim
+            if prf is not None and not 0 <= prf <= 1:
+                raise ValueError(f"scaling['partial_rotary_factor'] must be in [0, 1], got {prf!r}")
             fields["p"] = 1.0 if prf is None else prf
         else:
+            if prf is not None and not 0 < prf <= 1:
+                raise ValueError(f"scaling['partial_rotary_factor'] must be in (0, 1], got {prf!r}")
             fields["partial_rotary_factor"] = prf
         factor = _number(params, "factor")
         if factor is not None:
