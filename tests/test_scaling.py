@@ -85,6 +85,23 @@ def test_matches_transformers(scheme, T):
         torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("scheme", ["dynamic", "yarn", "longrope"])
+@pytest.mark.parametrize("start", [5, 2 * L0])
+def test_matches_transformers_for_a_chunk_at_an_offset(scheme, start):
+    # transformers evaluates length-dependent schemes at max(position_ids) + 1: here offset + T
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    config = _hf_config(*SCHEMES[scheme])
+    m = Rotary(HEAD_DIM * HEADS, HEADS, mixing=None, interleaved=False, scaling=_scaling_from(config))
+    T = 7
+    x = torch.randn(2, HEADS, T, HEAD_DIM)
+    cos, sin = llama.LlamaRotaryEmbedding(config)(x, torch.arange(start, start + T)[None])
+    expected, _ = llama.apply_rotary_pos_emb(x, x, cos, sin)
+    atol = 2 * m.attention_factor * x.abs().max().item() * (start + T + 8) * EPS32
+    for kwargs in ({"offset": start}, {"offset": torch.tensor(start)}, {"positions": torch.arange(start, start + T)}):
+        y = m(x.transpose(1, 2), **kwargs).transpose(1, 2)
+        torch.testing.assert_close(y, expected, atol=atol, rtol=0)
+
+
 def test_matches_transformers_with_partial_rotary_factor():
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     params = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": L0, "partial_rotary_factor": 0.5}
