@@ -115,7 +115,8 @@ def test_matches_transformers_with_partial_rotary_factor():
     rotated, _ = llama.apply_rotary_pos_emb(x[..., :r], x[..., :r], cos, sin)
     expected = torch.cat((rotated, x[..., r:]), dim=-1)
     q, _ = m.rotate_qk(x, x)
-    torch.testing.assert_close(q, expected, atol=2 * m.attention_factor * x.abs().max().item() * (T + 8) * EPS32, rtol=0)
+    atol = 2 * m.attention_factor * x.abs().max().item() * (T + 8) * EPS32
+    torch.testing.assert_close(q, expected, atol=atol, rtol=0)
     assert torch.equal(q[..., r:], x[..., r:])  # the attention factor only touches rotated channels, as in transformers
 
 
@@ -139,7 +140,8 @@ def test_dynamic_is_plain_rope_within_the_original_context():
 @pytest.mark.parametrize("L", [L0 + 1, 100, 1000])
 def test_static_ntk_is_dynamic_frozen_at_one_length(L):
     factor, r = 4.0, HEAD_DIM
-    dynamic = Rotary(48, 3, mixing=None, scaling={"rope_type": "dynamic", "factor": factor, "max_position_embeddings": L0})
+    dynamic = Rotary(48, 3, mixing=None,
+                     scaling={"rope_type": "dynamic", "factor": factor, "max_position_embeddings": L0})
     frozen = factor * L / L0 - (factor - 1)
     ntk = Rotary(48, 3, mixing=None, scaling={"rope_type": "ntk", "factor": frozen})
     torch.testing.assert_close(ntk.frequencies(), dynamic.frequencies(L), rtol=1e-13, atol=0)
@@ -151,7 +153,8 @@ def test_static_ntk_is_dynamic_frozen_at_one_length(L):
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.75, 1.0])
 def test_p_rope_keeps_the_fastest_fraction_and_passes_the_rest_exactly(p):
     m = Rotary(48, 3, mixing=None, interleaved=False, scaling={"rope_type": "p", "p": p})
-    same = Rotary(48, 3, mixing=None, interleaved=False, scaling={"rope_type": "proportional", "partial_rotary_factor": p})
+    same = Rotary(48, 3, mixing=None, interleaved=False,
+                  scaling={"rope_type": "proportional", "partial_rotary_factor": p})
     kept = math.floor(p * HEAD_DIM / 2)
     w = m.frequencies()
     assert torch.equal(w[:kept], inverse_frequencies(HEAD_DIM, 10000.0)[:kept])
@@ -316,8 +319,10 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
         ({"scaling": {"rope_type": "linear", "factor": 2.0, "beta_fast": 32}}, "unknown keys \\['beta_fast'\\]"),
         ({"scaling": {**YARN, "mrope_section": [2, 2]}}, "unknown keys"),
         ({"scaling": {"rope_type": "linear"}}, "missing required keys \\['factor'\\]"),
-        ({"scaling": {"rope_type": "yarn", "factor": 4.0}}, "missing required keys \\['original_max_position_embeddings'\\]"),
-        ({"scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}}, "high_freq_factor"),
+        ({"scaling": {"rope_type": "yarn", "factor": 4.0}},
+         "missing required keys \\['original_max_position_embeddings'\\]"),
+        ({"scaling": {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 32}},
+         "high_freq_factor"),
         ({"scaling": {"rope_type": "dynamic", "factor": 2.0}}, "needs the training length"),
         ({"scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
                       "original_max_position_embeddings": 16}}, "needs 'max_position_embeddings'"),
