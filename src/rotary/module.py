@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .frequencies import angle_dtype, inverse_frequencies, rotary_angles
 from .functional import compute_dtype, rotate
 from .mixing import GivensMixing, make_mixing
+from .scaling import Scaling
 
 __all__ = ["Rotary", "rotary"]
 
@@ -23,7 +24,8 @@ class Rotary(nn.Module):
     Args:
         dims: model width, ``heads * head_dim``.
         heads: number of heads; ``head_dim = dims // heads``.
-        base: RoPE base; pair i turns at frequency ``base ** (-2i / rotary_dim)``.
+        base: RoPE base; pair i turns at frequency ``base ** (-2i / rotary_dim)``. Default: scaling's
+            ``rope_theta`` if it has one, else 10000.
         mixing: ``"givens"`` (head_dim // 2 disjoint plane rotations; for 3-dimensional heads this family is the
             quaternion rotation), ``"quaternion"``, ``"orthogonal"`` (full SO(head_dim)) or None (plain RoPE).
             Every choice is the identity at initialisation.
@@ -31,6 +33,13 @@ class Rotary(nn.Module):
         rotary_dim: channels rotated by RoPE, even, at most head_dim; default head_dim rounded down to even.
             The rest pass through RoPE unchanged (P still mixes all head_dim channels).
         learned_freq: make the frequencies learnable, as ``w_i * exp(log_freq_scale_i)`` with the scale at zero.
+        scaling: a context-extension scheme as a Hugging Face ``rope_parameters`` dict (see :mod:`rotary.scaling`),
+            e.g. ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 448}``. Its
+            ``rope_theta`` and ``partial_rotary_factor`` set ``base`` and ``rotary_dim`` when those are not given
+            (and must agree with them when they are). Schemes with an attention factor (yarn, longrope) multiply
+            the rotated channels by it, as transformers multiplies cos and sin: ``x -> a R(m) P x`` on the first
+            rotary_dim channels. Dynamic NTK and LongRoPE depend on the sequence length L, by default the last
+            position plus one (``offset + T``; keys included in :meth:`rotate_qk`), or ``length=`` if given.
 
     The cos/sin table and the frequencies are kept in float32/float64 whatever ``module.to(dtype)`` does, and
     are rebuilt on the new device by ``to``/``to_empty``; they are not part of the state_dict.
@@ -41,11 +50,12 @@ class Rotary(nn.Module):
         dims: int,
         heads: int,
         *,
-        base: float = 10000.0,
+        base: float | None = None,
         mixing: str | None = "givens",
         interleaved: bool = True,
         rotary_dim: int | None = None,
         learned_freq: bool = False,
+        scaling: dict | None = None,
     ):
         super().__init__()
         for name, value in (("dims", dims), ("heads", heads)):
@@ -54,6 +64,20 @@ class Rotary(nn.Module):
         if dims % heads != 0:
             raise ValueError(f"dims ({dims}) must be divisible by heads ({heads})")
         head_dim = dims // heads
+        parsed = None if scaling is None else Scaling.from_dict(scaling)
+        if parsed is not None and parsed.rope_theta is not None:
+            if base is not None and float(base) != parsed.rope_theta:
+                raise ValueError(f"base={base!r} disagrees with scaling['rope_theta']={parsed.rope_theta!r}")
+            base = parsed.rope_theta
+        base = 10000.0 if base is None else base
+        if parsed is not None and parsed.partial_rotary_factor is not None:
+            from_factor = int(head_dim * parsed.partial_rotary_factor)  # transformers' rotary dim
+            if rotary_dim is not None and rotary_dim != from_factor:
+                raise ValueError(
+                    f"rotary_dim={rotary_dim!r} disagrees with scaling['partial_rotary_factor'] = "
+                    f"{parsed.partial_rotary_factor!r} (rotary_dim {from_factor} for head_dim {head_dim})"
+                )
+            rotary_dim = from_factor
         if rotary_dim is None:
             rotary_dim = head_dim - head_dim % 2
         if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or not (
@@ -62,6 +86,8 @@ class Rotary(nn.Module):
             raise ValueError(f"rotary_dim must be an even int in [2, head_dim = {head_dim}], got {rotary_dim!r}")
         if not base > 1:
             raise ValueError(f"base must be > 1, got {base!r}")
+        if parsed is not None:
+            parsed.check(rotary_dim)
         if mixing == "givens" and head_dim == 3:
             mixing = "quaternion"
         self.dims, self.heads, self.head_dim, self.rotary_dim = dims, heads, head_dim, rotary_dim
@@ -70,9 +96,12 @@ class Rotary(nn.Module):
         self.mixing_kind = mixing
         self.mixing = make_mixing(mixing, head_dim, self.rope_pairs())
         self.log_freq_scale = nn.Parameter(torch.zeros(rotary_dim // 2)) if learned_freq else None
+        self.scaling = parsed
+        self.attention_factor = 1.0 if parsed is None else parsed.attention_factor
         self.register_buffer("cos_cached", torch.empty(0, rotary_dim // 2), persistent=False)
         self.register_buffer("sin_cached", torch.empty(0, rotary_dim // 2), persistent=False)
-        self._build_tables(_INITIAL_TABLE, device=self.cos_cached.device)
+        # Length-dependent schemes compute cos/sin per call from the length, so they keep no table.
+        self._build_tables(0 if self._length_dependent else _INITIAL_TABLE, device=self.cos_cached.device)
 
     # ----------------------------------------------------------------------------------------- set-up
     def rope_pairs(self) -> list[tuple[int, int]]:
@@ -90,11 +119,20 @@ class Rotary(nn.Module):
             with torch.no_grad():
                 self.log_freq_scale.zero_()
 
+    @property
+    def _length_dependent(self) -> bool:
+        return self.scaling is not None and self.scaling.depends_on_length
+
     def _build_tables(self, length: int, device) -> None:
         positions = torch.arange(length, device=device, dtype=angle_dtype(device))
         angles = rotary_angles(positions, self._base_freqs(device))
-        self.cos_cached = angles.cos().float()
-        self.sin_cached = angles.sin().float()
+        self.cos_cached, self.sin_cached = self._scaled_cos_sin(angles, torch.float32)
+
+    def _scaled_cos_sin(self, angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_factor != 1.0:  # yarn / longrope: transformers scales cos and sin, so do we
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def _apply(self, fn, recurse=True):
         # Casts (module.half(), .to(bfloat16)) would round the tables; to_empty() would leave garbage in them.
@@ -103,13 +141,23 @@ class Rotary(nn.Module):
         self._build_tables(self.cos_cached.shape[0], device=self.cos_cached.device)
         return self
 
-    def _base_freqs(self, device) -> Tensor:
+    def _base_freqs(self, device, length: Tensor | None = None) -> Tensor:
+        if self.scaling is not None:
+            return self.scaling.frequencies(
+                self.rotary_dim, self.base, length, device=device, dtype=angle_dtype(device)
+            )
         return inverse_frequencies(self.rotary_dim, self.base, device=device, dtype=angle_dtype(device))
 
-    def frequencies(self) -> Tensor:
-        """Current frequencies ``(rotary_dim // 2,)`` in the angle dtype (float64 where available)."""
+    def frequencies(self, length: int | Tensor | None = None) -> Tensor:
+        """Current frequencies ``(rotary_dim // 2,)`` in the angle dtype (float64 where available).
+
+        length: the sequence length at which length-dependent scaling (dynamic, longrope) is evaluated, an int,
+        ``()`` or ``(B,)`` tensor (then the result is ``(B, rotary_dim // 2)``); None: the original context's.
+        """
         device = self.cos_cached.device
-        freqs = self._base_freqs(device)
+        if length is not None and not isinstance(length, Tensor):
+            length = torch.tensor(length, device=device)
+        freqs = self._base_freqs(device, length)
         if self.log_freq_scale is not None:
             freqs = freqs * torch.exp(self.log_freq_scale.to(freqs.dtype))
         return freqs
@@ -119,30 +167,49 @@ class Rotary(nn.Module):
         return None if self.mixing is None else self.mixing.matrix(dtype)
 
     # ----------------------------------------------------------------------------------------- forward
-    def forward(self, x: Tensor, *, offset: int | Tensor = 0, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        offset: int | Tensor = 0,
+        positions: Tensor | None = None,
+        length: int | Tensor | None = None,
+    ) -> Tensor:
         """Rotate x at positions ``offset + arange(T)`` (or ``positions``).
 
         Args:
             x: ``(B, T, dims)`` or ``(B, T, heads, head_dim)``, floating point.
             offset: int, or ``(B,)`` integer tensor (per-row offsets, e.g. left-padded batches in a KV cache).
             positions: ``(T,)`` or ``(B, T)``, int or float; overrides offset.
+            length: only for length-dependent scaling (dynamic, longrope): the sequence length L to evaluate the
+                frequencies at, int or ``()`` / ``(B,)`` integer tensor. Default: ``offset + T``, or
+                ``positions.max(-1) + 1`` (per row). Fix it (e.g. to the longest length you will decode) to
+                cache rotated keys; otherwise keep keys unrotated and use :meth:`rotate_qk`.
 
         Returns:
             a tensor of x's shape and dtype.
         """
         x4 = self._as_heads(x)
         B, T = x4.shape[:2]
-        cos, sin = self._cos_sin(B, T, offset, positions, x4.dtype, x4.device)
+        cos, sin = self._cos_sin(B, T, offset, positions, x4.dtype, x4.device, length)
         y = self._rotate(x4, cos.unsqueeze(-2), sin.unsqueeze(-2))  # (T | B,T, 1, r/2) against (B, T, H, D)
         return y.view_as(x)
 
     def rotate_qk(
-        self, q: Tensor, k: Tensor, *, offset: int | Tensor = 0, positions: Tensor | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        offset: int | Tensor = 0,
+        positions: Tensor | None = None,
+        length: int | Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Rotate attention queries and keys laid out ``(B, H, T, D)``.
 
         k may be longer than q (keys from a KV cache): keys sit at ``offset + arange(Tk)`` (or ``positions``,
-        ``(Tk,)`` or ``(B, Tk)``) and the queries at the last ``Tq`` of those positions.
+        ``(Tk,)`` or ``(B, Tk)``) and the queries at the last ``Tq`` of those positions. With length-dependent
+        scaling the length defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives
+        exactly what a full forward over the same tokens gives.
         """
         for name, t in (("q", q), ("k", k)):
             if t.dim() != 4 or t.shape[1] != self.heads or t.shape[3] != self.head_dim:
@@ -156,7 +223,7 @@ class Rotary(nn.Module):
             raise ValueError(f"k must have q's batch and at least q's length, got q {tuple(q.shape)}, k {tuple(k.shape)}")
         self._check_float(q)
         self._check_float(k)
-        cos, sin = self._cos_sin(B, Tk, offset, positions, k.dtype, k.device)
+        cos, sin = self._cos_sin(B, Tk, offset, positions, k.dtype, k.device, length)
         cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (1 | B, 1, Tk, r/2) against (B, H, Tk, D)
         k_rot = self._rotate(k, cos, sin)
         q_rot = self._rotate(q, cos[..., Tk - Tq :, :], sin[..., Tk - Tq :, :])
@@ -195,9 +262,12 @@ class Rotary(nn.Module):
         self._check_float(x)
         return x4
 
-    def _cos_sin(self, B: int, T: int, offset, positions, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    def _cos_sin(
+        self, B: int, T: int, offset, positions, dtype: torch.dtype, device, length=None
+    ) -> tuple[Tensor, Tensor]:
         """cos/sin ``(T, r/2)`` or ``(B, T, r/2)`` in the compute dtype of x."""
         cdtype = compute_dtype(dtype)
+        length = self._check_length(B, length)
         if positions is not None:
             if not isinstance(positions, Tensor) or not (
                 (positions.dim() == 1 and positions.shape[0] == T) or (positions.dim() == 2 and positions.shape == (B, T))
@@ -206,7 +276,9 @@ class Rotary(nn.Module):
                 raise ValueError(f"positions must be a tensor of shape ({T},) or ({B}, {T}), got {shape}")
             if positions.dtype == torch.bool or positions.is_complex():
                 raise ValueError(f"positions must be an integer or float tensor, got dtype {positions.dtype}")
-            return self._direct(positions, cdtype)
+            if length is None and self._length_dependent:
+                length = positions.amax(dim=-1) + 1  # () or (B,): transformers' max(position_ids) + 1, per row
+            return self._direct(positions, cdtype, length)
         if isinstance(offset, Tensor):
             if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
                 raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
@@ -214,9 +286,17 @@ class Rotary(nn.Module):
                 raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
             steps = torch.arange(T, device=offset.device)
             pos = offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps
-            return self._direct(pos, cdtype)
+            if length is None and self._length_dependent:
+                length = offset + T
+            return self._direct(pos, cdtype, length)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+        if self._length_dependent:
+            pos = torch.arange(offset, offset + T, device=device)
+            if length is None:
+                # a tensor, not a Python int: choosing a regime is then torch.where, with no guard to recompile on
+                length = torch.arange(offset + T, offset + T + 1, device=device).squeeze(0)
+            return self._direct(pos, cdtype, length)
         if self.log_freq_scale is not None or cdtype == torch.float64:
             return self._direct(torch.arange(offset, offset + T, device=device), cdtype)
         if offset + T > self.cos_cached.shape[0]:
@@ -228,15 +308,34 @@ class Rotary(nn.Module):
             self._build_tables(length, device=self.cos_cached.device)
         return self.cos_cached[offset : offset + T], self.sin_cached[offset : offset + T]
 
-    def _direct(self, positions: Tensor, cdtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        angles = rotary_angles(positions.to(self.cos_cached.device), self.frequencies())
-        return angles.cos().to(cdtype), angles.sin().to(cdtype)
+    def _check_length(self, B: int, length) -> Tensor | None:
+        if length is None:
+            return None
+        if isinstance(length, Tensor):
+            if length.dim() > 1 or (length.dim() == 1 and length.shape[0] != B):
+                raise ValueError(f"a tensor length must have shape () or ({B},), got {tuple(length.shape)}")
+            if length.is_floating_point() or length.is_complex() or length.dtype == torch.bool:
+                raise ValueError(f"length must be an integer tensor, got dtype {length.dtype}")
+            return length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"length must be a positive int or an integer tensor, got {length!r}")
+        return torch.tensor(length, device=self.cos_cached.device)
+
+    def _direct(self, positions: Tensor, cdtype: torch.dtype, length: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        freqs = self.frequencies(length if self._length_dependent else None)  # (r/2,) or (B, r/2)
+        positions = positions.to(self.cos_cached.device)
+        if freqs.dim() == 2:  # per-row frequencies: (B, 1, r/2) against positions (T,) or (B, T)
+            angles = rotary_angles(positions, freqs.unsqueeze(-2))
+        else:
+            angles = rotary_angles(positions, freqs)
+        return self._scaled_cos_sin(angles, cdtype)
 
     def extra_repr(self) -> str:
         return (
             f"dims={self.dims}, heads={self.heads}, head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
             f"base={self.base:g}, mixing={self.mixing_kind!r}, interleaved={self.interleaved}, "
             f"learned_freq={self.log_freq_scale is not None}"
+            + ("" if self.scaling is None else f", scaling={self.scaling.rope_type!r}")
         )
 
 
