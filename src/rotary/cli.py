@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be positive")
     start = time.perf_counter()
     code = args.func(args)
-    print(f"\ndone in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if code == 0:
+        print(f"\ndone in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return code
 
 
