@@ -34,6 +34,12 @@ def aggregate(results: list[dict]) -> dict:
                 for key in runs[0][metric]:
                     vals = [r[metric][key] for r in runs]
                     entry[metric][key] = None if any(v is None for v in vals) else _mean_std(vals)
+            entry["scaled"] = {}
+            for scaling in runs[0].get("scaled", {}):
+                entry["scaled"][scaling] = {
+                    key: tuple(_mean_std([r["scaled"][scaling][key][i] for r in runs]) for i in (0, 1))
+                    for key in runs[0]["scaled"][scaling]
+                }
             entry["tokens_per_second"] = _mean_std([r["tokens_per_second"] for r in runs])
             entry["train_seconds"] = _mean_std([r["train_seconds"] for r in runs])
             agg[task][scheme] = entry
@@ -73,6 +79,22 @@ def markdown(agg: dict, task_metrics: dict[str, str], schemes: list[str]) -> str
         if notes:
             lines.append("\nn/a: " + "; ".join(notes))
         lines.append("")
+        scaled = [(s, e) for s, e in by_scheme.items() if e.get("scaled")]
+        if scaled:
+            idx, label = (1, "acc %") if metric == "accuracy" else (0, "loss")
+            longer = [k for k in keys if k != "1x"]
+            lines.append(f"Context extension applied at evaluation time ({label}; 'as trained' = no scaling):\n")
+            lines.append("| trained as | scaling | " + " | ".join(f"{label} @{k}" for k in longer) + " |")
+            lines.append("|---|---|" + "---:|" * len(longer))
+            for s, e in scaled:
+                unscaled = [e[metric][k] for k in longer]
+                scale = 100 if metric == "accuracy" else 1
+                digits = 1 if metric == "accuracy" else 3
+                lines.append(f"| {s} | as trained | " + " | ".join(_fmt(v, digits, scale) for v in unscaled) + " |")
+                for name, values in e["scaled"].items():
+                    cells = [_fmt(values[k][idx], digits, scale) for k in longer]
+                    lines.append(f"| {s} | {name} | " + " | ".join(cells) + " |")
+            lines.append("")
     lines.append("Schemes: " + "; ".join(f"`{s}` {DESCRIPTIONS[s]}" for s in schemes) + ".")
     return "\n".join(lines)
 

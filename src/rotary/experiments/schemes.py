@@ -27,3 +27,28 @@ DESCRIPTIONS = {
     "orthogonal-freq": "full orthogonal P and learned frequencies",
     "embedding-givens": "the request document's placement: Givens + RoPE on token embeddings",
 }
+
+
+# Context-extension schemes applied at evaluation time only, to models trained with plain RoPE ("rope") and with
+# Givens mixing ("givens"), when evaluating at ``factor`` x the training length L0. LongRoPE is left out: it
+# needs per-frequency factors found by a search, which a generic setting cannot stand in for.
+EVAL_SCALINGS = ("linear", "ntk", "dynamic", "yarn", "llama3", "p-rope")
+SCALED_SCHEMES = ("rope", "givens")
+
+
+def eval_scaling(name: str, factor: int, original: int) -> dict | None:
+    """The ``rope_parameters`` dict for ``name`` at ``factor`` x the training length ``original``."""
+    if name == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if name == "ntk":
+        return {"rope_type": "ntk", "factor": float(factor)}
+    if name == "dynamic":  # adapts to the length by itself: factor 1 scales by L / L0
+        return {"rope_type": "dynamic", "factor": 1.0, "original_max_position_embeddings": original}
+    if name == "yarn":
+        return {"rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original}
+    if name == "llama3":
+        return {"rope_type": "llama3", "factor": float(factor), "original_max_position_embeddings": original,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    if name == "p-rope":
+        return {"rope_type": "p", "p": 0.75}
+    raise ValueError(f"unknown evaluation scaling {name!r}")

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from rotary.decoder import Decoder, DecoderConfig
 from rotary.experiments.data import Task
-from rotary.experiments.schemes import SCHEMES
+from rotary.experiments.schemes import EVAL_SCALINGS, SCALED_SCHEMES, SCHEMES, eval_scaling
+from rotary.module import Rotary
 
 
 @dataclass
@@ -56,6 +57,8 @@ class RunResult:
     curve: list[tuple[int, float]]  # (step, validation loss at the training length)
     loss: dict[str, float | None] = field(default_factory=dict)  # eval length -> masked loss (None: cannot)
     accuracy: dict[str, float | None] = field(default_factory=dict)
+    # evaluation-time context extension: scaling name -> eval length -> (loss, accuracy)
+    scaled: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     note: str | None = None
 
 
@@ -98,6 +101,31 @@ def evaluate(model: Decoder, task: Task, seed: int, length: int, batches: int, b
         total += float(mask.sum())
     model.train()
     return total_loss / total, total_correct / total
+
+
+def _scaled_copy(rotary: Rotary, scaling: dict) -> Rotary:
+    """The same trained Rotary (parameters and all) with a frequency-scaling scheme added."""
+    scaled = Rotary(rotary.dims, rotary.heads, base=rotary.base, mixing=rotary.mixing_kind,
+                    interleaved=rotary.interleaved, rotary_dim=rotary.rotary_dim,
+                    learned_freq=rotary.log_freq_scale is not None, scaling=scaling)
+    scaled.load_state_dict(rotary.state_dict())
+    return scaled.to(rotary.cos_cached.device)
+
+
+def evaluate_scaled(model: Decoder, task: Task, seed: int, cfg: TrainConfig, device) -> dict:
+    """Loss and accuracy past the training length with each evaluation-time scaling scheme swapped in."""
+    original = model.rotary
+    out: dict = {}
+    try:
+        for name in EVAL_SCALINGS:
+            out[name] = {}
+            for factor in (f for f in cfg.eval_factors if f > 1):
+                model.rotary = _scaled_copy(original, eval_scaling(name, factor, cfg.length))
+                out[name][f"{factor}x"] = evaluate(model, task, seed, cfg.length * factor, cfg.eval_batches,
+                                                   max(1, cfg.batch // factor), device)
+    finally:
+        model.rotary = original
+    return out
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -187,6 +215,8 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
                 continue
             result.loss[key], result.accuracy[key] = evaluate(model, task, seed, length, cfg.eval_batches,
                                                               max(1, cfg.batch // factor), device)
+        if scheme in SCALED_SCHEMES:
+            result.scaled = evaluate_scaled(model, task, seed, cfg, device)
         _atomic_json(asdict(result), out / "runs" / f"{name}.json")
         if ckpt_path.exists():
             ckpt_path.unlink()
