@@ -9,10 +9,12 @@ given there, so it is a flag and printed). Three ratios, each the median of inte
    mixing=None. Target <= 1.10.
 2. incremental decoding with a KV cache (a 16-token prompt, then 64 tokens one at a time, no grad): a givens model
    after ``rotary.fold`` / a plain-RoPE model. Target: 1 within noise.
-3. rotary time per training step, forward and backward of exactly the rotations the model makes (one (B, T, C)
-   tensor for "rotary-embedding"; q and k of every layer for "rotary-attention"), both with givens mixing:
-   embedding / attention. Target <= 0.5. For context the whole-step times of both placements and of
-   positional="none" are printed too.
+3. rotary time per training step, forward and backward of exactly the rotary work each placement does in the
+   reference decoder, with givens mixing: "rotary-embedding" rotates one (B, T, C) tensor with P on it;
+   "rotary-attention" builds P once, applies it to the q and k weights of every layer and rotates q and k of
+   every layer with plain RoPE. Ratio embedding / attention, target <= 0.5. For context: the same attention
+   rotations with P on the activations instead (what a Rotary with mixing does when dropped into attention, e.g.
+   rotary.whisper), and the whole-step times of both placements and of positional="none".
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 import rotary
 from rotary.bench.timing import median, spread, time_interleaved
-from rotary.decoder import Decoder, DecoderConfig, KVCache
+from rotary.decoder import Decoder, DecoderConfig, KVCache, _mix_rows
 
 LAYERS, DIMS, HEADS, BATCH, SEQ = 4, 256, 4, 8, 512
 
@@ -65,7 +67,7 @@ def _decode(model: Decoder, prompt: torch.Tensor, steps: int):
 
 
 def _rotations(rot: rotary.Rotary, shapes: list[tuple[int, ...]], device):
-    """Forward and backward of the rotations one training step makes, with a random upstream gradient."""
+    """Forward and backward of rotations of tensors of the given shapes, with a random upstream gradient."""
     xs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
     grads = [torch.randn(s, device=device) for s in shapes]
     params = list(rot.parameters())
@@ -73,6 +75,22 @@ def _rotations(rot: rotary.Rotary, shapes: list[tuple[int, ...]], device):
     def run():
         ys = [rot(x) for x in xs]
         torch.autograd.grad(ys, xs + params, grads)
+
+    return run
+
+
+def _attention_rotary_work(model: Decoder, device):
+    """The attention placement's rotary work in one training step of ``model``, forward and backward: P built once,
+    mixed into each layer's q weight, q bias and k weight, and plain RoPE on q and k of every layer."""
+    weights = [w for b in model.blocks for w in (b.attn.query.weight, b.attn.query.bias, b.attn.key.weight)]
+    xs = [torch.randn(BATCH, SEQ, HEADS, DIMS // HEADS, device=device, requires_grad=True) for _ in range(2 * LAYERS)]
+    grads = [torch.randn_like(x) for x in xs] + [torch.randn_like(w) for w in weights]
+    params = list(model.mixing.parameters()) + weights
+
+    def run():
+        P = model.mixing.matrix(torch.float32)
+        outs = [model.rotary(x) for x in xs] + [_mix_rows(w, P) for w in weights]
+        torch.autograd.grad(outs, xs + params, grads)
 
     return run
 
@@ -124,17 +142,20 @@ def main(argv=None) -> None:
     ratio("decoding (16 + 64 tokens): folded givens / plain RoPE", r, f"1 +- {noise:.0%}", abs(r - 1) <= noise)
 
     # 3. rotary time per training step, by placement
-    rot = _model(args.vocab, device, "rotary-attention", "givens").rotary
-    T = SEQ  # the training step above feeds SEQ tokens
+    embedding = _model(args.vocab, device, "rotary-embedding", "givens")  # its Rotary carries P
+    attention = _model(args.vocab, device, "rotary-attention", "givens")  # P on the weights, plain RoPE
     fns = {
-        "rotations rotary-embedding (1 x (B,T,C))": _rotations(rot, [(BATCH, T, DIMS)], device),
-        f"rotations rotary-attention ({2 * LAYERS} x (B,T,H,D))": _rotations(
-            rot, [(BATCH, T, HEADS, DIMS // HEADS)] * (2 * LAYERS), device
+        "rotary work, embedding placement": _rotations(embedding.rotary, [(BATCH, SEQ, DIMS)], device),
+        "rotary work, attention placement": _attention_rotary_work(attention, device),
+        "(attention, P on activations instead)": _rotations(
+            embedding.rotary, [(BATCH, SEQ, HEADS, DIMS // HEADS)] * (2 * LAYERS), device
         ),
     }
     t = report(time_interleaved(fns, device=device, repeats=3 * args.repeats))
-    emb, att = t.values()
-    ratio("rotary time per training step: embedding / attention", emb / att, "<= 0.5", emb / att <= 0.5)
+    r = t["rotary work, embedding placement"] / t["rotary work, attention placement"]
+    ratio("rotary time per training step: embedding / attention", r, "<= 0.5", r <= 0.5)
+    r = t["rotary work, embedding placement"] / t["(attention, P on activations instead)"]
+    print(f"{'(context) same, were P on the activations in both placements':62s} {r:6.3f}")
 
 
 if __name__ == "__main__":
