@@ -2,6 +2,7 @@
 
 import copy
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -230,3 +231,10 @@ def test_install_errors():
         rw.install(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="installed"):
         rw.uninstall(_stock())
+
+
+def test_missing_whisper_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "whisper", None)  # as if openai-whisper were not installed
+    monkeypatch.setitem(sys.modules, "whisper.model", None)
+    with pytest.raises(ImportError, match=r"pip install 'rotary\[whisper\]'"):
+        rw.install(torch.nn.Linear(2, 2))
