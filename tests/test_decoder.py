@@ -18,10 +18,10 @@ def _model(positional="rotary-attention", xa=False, mixing="givens", dims=48, he
     cfg = DecoderConfig(vocab=VOCAB, ctx=64, dims=dims, heads=heads, layers=layers,
                         xa_dims=XA_DIMS if xa else None, positional=positional, mixing=mixing, **kw)
     model = Decoder(cfg).eval()
-    if model.rotary is not None:
-        with torch.no_grad():  # away from the identity, so that P matters everywhere it is tested
-            for p in model.rotary.parameters():
-                p.normal_(std=0.1 if p is model.rotary.log_freq_scale else 1.0)
+    with torch.no_grad():  # away from the identity, so that P and learned frequencies matter wherever tested
+        for name, p in model.named_parameters():
+            if "mixing" in name or "log_freq_scale" in name:
+                p.normal_(std=0.1 if "log_freq_scale" in name else 1.0)
     return model
 
 
@@ -38,10 +38,10 @@ def _reference(model: Decoder, tokens, xa=None) -> torch.Tensor:
     H, D = c.heads, c.head_dim
     pos = torch.arange(T)
 
-    def rope(t):  # (B, T, C) -> R(m) P t per head
+    def rope(t):  # (B, T, C) -> R(m) P t per head, P on the activations whichever placement
         r = m.rotary
         return rotary_reference(t.view(B, T, H, D), pos, rotary_dim=r.rotary_dim, interleaved=r.interleaved,
-                                mixing=r.mixing_matrix(torch.float64), freqs=r.frequencies()).reshape(B, T, H * D)
+                                mixing=m.mixing_matrix(torch.float64), freqs=r.frequencies()).reshape(B, T, H * D)
 
     def attention(attn, x, kv, causal):
         q = attn.query(x).view(B, T, H, D).transpose(1, 2)
@@ -147,7 +147,7 @@ def test_fold_keeps_logits_and_exact_cache(mixing, interleaved, rotary_dim, tmp_
         assert rotary.fold(model) is model
         after = model(tokens, feats)
         inc = _incremental(model, tokens, feats, [5, 1, 1, 6])
-    assert model.rotary.mixing is None and model.config.mixing is None
+    assert model.mixing is None and model.rotary.mixing is None and model.config.mixing is None
     assert not any("mixing" in k for k in model.state_dict())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     assert (after - inc).abs().max() <= 1e-5
@@ -184,11 +184,12 @@ def test_save_load_roundtrip_bit_identical(positional, tmp_path):
 @pytest.mark.parametrize("positional", ["rotary-attention", "rotary-embedding"])
 def test_training_steps_update_rotary(positional):
     model = _model(positional, mixing="givens", learned_freq=True).train()
+    names = {"mixing.angles" if positional == "rotary-attention" else "rotary.mixing.angles", "rotary.log_freq_scale"}
+    assert {n for n, _ in model.named_parameters() if "mixing" in n or "rotary" in n} == names
     with torch.no_grad():
-        for p in model.rotary.parameters():
-            p.zero_()  # from the identity, as in real training
-    start = {n: p.detach().clone() for n, p in model.rotary.named_parameters()}
-    assert set(start) == {"mixing.angles", "log_freq_scale"}
+        for n in names:
+            model.get_parameter(n).zero_()  # from the identity, as in real training
+    start = {n: model.get_parameter(n).detach().clone() for n in names}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tokens, _ = _inputs(B=4, T=16)
     for _ in range(3):
@@ -198,8 +199,8 @@ def test_training_steps_update_rotary(positional):
         loss.backward()
         opt.step()
     assert torch.isfinite(loss)
-    for n, p in model.rotary.named_parameters():
-        assert not torch.equal(p, start[n]), n
+    for n in start:
+        assert not torch.equal(model.get_parameter(n), start[n]), n
 
 
 def test_learned_table_is_initialised():

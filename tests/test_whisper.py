@@ -2,6 +2,7 @@
 
 import copy
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -97,6 +98,8 @@ def test_installed_model_computes_a_rotary_decoder(placement, features):
     # Same parameter names as whisper's, but no learned table: the attention placement bypasses whisper's,
     # the embedding placement adds it (zeroed here to match).
     del state["positional_embedding"]
+    if placement == "attention":  # the reference decoder keeps this placement's P next to its layers
+        state = {k.removeprefix("rotary."): v for k, v in state.items()}
     ref.load_state_dict(state, strict=True)
     tokens = torch.randint(0, DIMS.n_vocab, (2, 9))
     with torch.no_grad():
@@ -228,3 +231,10 @@ def test_install_errors():
         rw.install(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="installed"):
         rw.uninstall(_stock())
+
+
+def test_missing_whisper_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "whisper", None)  # as if openai-whisper were not installed
+    monkeypatch.setitem(sys.modules, "whisper.model", None)
+    with pytest.raises(ImportError, match=r"pip install 'rotary\[whisper\]'"):
+        rw.install(torch.nn.Linear(2, 2))

@@ -12,6 +12,13 @@ Data flow: tokens -> embedding (+ learned or sinusoidal table; -> Rotary for "ro
 "rotary-attention"; optional cross-attention to ``xa``, never rotated; MLP) -> LayerNorm -> logits tied to the
 token embedding.
 
+Where P goes in the attention placement: ``R(m) P (W_q x + b_q) = R(m) ((P W_q) x + P b_q)`` per head, so the
+decoder owns P (``Decoder.mixing``) and applies it to the q and k projection weights, ``(H, D, D) @ (H, D, C)``
+once per forward, instead of to every activation: training then costs what plain RoPE costs plus a few tiny
+matmuls, and its Rotary (``mixing=None``) is plain RoPE. This is :func:`rotary.fold` done differentiably each
+step; after ``fold`` the product is stored and even that goes. In the embedding placement P acts on the residual
+stream and stays inside the Rotary.
+
 Positions are explicit: a forward starts at ``cache.offset`` (0 without a cache) and the cache records how many
 positions it holds. Keys are cached after rotation, since a position never changes once written, so each step
 rotates only the new query and key.
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mixing import make_mixing
 from .module import Rotary
 
 __all__ = ["POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
@@ -137,6 +145,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
     return y.transpose(1, 2).reshape(B, T, H * D)
 
 
+def _mix_rows(weight: Tensor, P: Tensor) -> Tensor:
+    """Per head, ``P @ rows``: weight ``(H*D, C_in)`` (or a bias ``(H*D,)``), P ``(D, D)``."""
+    D = P.shape[0]
+    mixed = P.to(weight.dtype) @ weight.reshape(-1, D, weight.shape[-1] if weight.dim() == 2 else 1)  # (H, D, C)
+    return mixed.reshape(weight.shape)
+
+
 class SelfAttention(nn.Module):
     """Causal multi-head self-attention; ``query``/``key``/``value``/``out`` named as in openai-whisper.
 
@@ -153,11 +168,25 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(dims, dims)
 
     def forward(
-        self, x: Tensor, *, offset: int, rotary: Rotary | None = None, cache: KVCache | None = None, layer: int = 0
+        self,
+        x: Tensor,
+        *,
+        offset: int,
+        rotary: Rotary | None = None,
+        mixing: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> Tensor:
+        """x ``(B, T, C)`` at positions ``offset ..``; mixing: P ``(D, D)`` applied to the q/k weights, or None."""
         B, T, C = x.shape
-        q = self.query(x).view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
-        k = self.key(x).view(B, T, self.heads, self.head_dim)
+        if mixing is None:
+            q, k = self.query(x), self.key(x)
+        else:
+            bias = self.query.bias
+            q = F.linear(x, _mix_rows(self.query.weight, mixing), None if bias is None else _mix_rows(bias, mixing))
+            k = F.linear(x, _mix_rows(self.key.weight, mixing))
+        q = q.view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.heads, self.head_dim)
         v = self.value(x).view(B, T, self.heads, self.head_dim)
         if rotary is not None:
             q = rotary(q, offset=offset)
@@ -216,10 +245,11 @@ class Block(nn.Module):
         *,
         offset: int,
         rotary: Rotary | None,
+        mixing: Tensor | None,
         cache: KVCache | None,
         layer: int,
     ) -> Tensor:
-        x = x + self.attn(self.attn_ln(x), offset=offset, rotary=rotary, cache=cache, layer=layer)
+        x = x + self.attn(self.attn_ln(x), offset=offset, rotary=rotary, mixing=mixing, cache=cache, layer=layer)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_attn_ln(x), xa, cache=cache, layer=layer)
         return x + self.mlp(self.mlp_ln(x))
@@ -240,19 +270,23 @@ class Decoder(nn.Module):
             self.register_buffer("positional_embedding", sinusoids(c.ctx, c.dims), persistent=False)
         else:
             self.positional_embedding = None
+        attention = c.positional == "rotary-attention"
         if c.positional in ("rotary-embedding", "rotary-attention"):
-            # One module shared by every layer (torchtune's rope, passed to each layer): one cos/sin table, one P.
+            # One module shared by every layer (torchtune's rope, passed to each layer): one cos/sin table.
             self.rotary = Rotary(
                 c.dims,
                 c.heads,
                 base=c.base,
-                mixing=c.mixing,
+                mixing=None if attention else c.mixing,
                 interleaved=c.interleaved,
                 rotary_dim=c.rotary_dim,
                 learned_freq=c.learned_freq,
             )
         else:
             self.rotary = None
+        # The attention placement's P, applied to the q/k weights (see the module docstring); shared by all layers.
+        kind = "quaternion" if c.mixing == "givens" and c.head_dim == 3 else c.mixing  # as Rotary does
+        self.mixing = make_mixing(kind, c.head_dim, self.rotary.rope_pairs()) if attention else None
         self.blocks = nn.ModuleList(Block(c.dims, c.heads, c.xa_dims) for _ in range(c.layers))
         self.ln = nn.LayerNorm(c.dims)
         self.reset_parameters()
@@ -293,8 +327,9 @@ class Decoder(nn.Module):
         if xa is not None:
             x = x.to(xa.dtype)
         rotary = self.rotary if c.positional == "rotary-attention" else None
+        P = self.mixing.matrix(x.dtype) if self.mixing is not None else None  # (D, D), built once per forward
         for layer, block in enumerate(self.blocks):
-            x = block(x, xa, offset=offset, rotary=rotary, cache=cache, layer=layer)
+            x = block(x, xa, offset=offset, rotary=rotary, mixing=P, cache=cache, layer=layer)
         if cache is not None:
             cache.offset = offset + T
         x = self.ln(x)
@@ -305,11 +340,11 @@ class Decoder(nn.Module):
         """Beam search: keep batch rows ``indices`` of the cache (in place), returns it."""
         return cache.reorder(indices)
 
-    def attention_rotaries(self):
-        """``(attention, rotary)`` for every self-attention whose q and k go through a Rotary (used by ``fold``)."""
-        if self.config.positional == "rotary-attention":
-            for block in self.blocks:
-                yield block.attn, self.rotary
+    def mixing_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The learned P ``(head_dim, head_dim)`` of either placement, or None (no rotary, or no mixing)."""
+        if self.mixing is not None:
+            return self.mixing.matrix(dtype)
+        return self.rotary.mixing_matrix(dtype) if self.rotary is not None else None
 
 
 def save(model: Decoder, path) -> None:

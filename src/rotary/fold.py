@@ -43,47 +43,43 @@ def _fold_linear(linear: nn.Linear, P: Tensor, heads: int) -> None:
             linear.bias.copy_((b64 @ P.T).reshape(linear.bias.shape))
 
 
-def _drop_mixing(rotary: Rotary) -> None:
-    rotary.mixing = None
-    rotary.mixing_kind = None
-
-
 def fold(model: nn.Module) -> nn.Module:
-    """Fold the mixing of every attention-placement Rotary in ``model`` into W_q and W_k, in place; returns it.
+    """Fold the mixing of every attention-placement rotary in ``model`` into W_q and W_k, in place; returns it.
 
-    Handles :class:`rotary.decoder.Decoder` modules (``positional="rotary-attention"``; their config's ``mixing``
-    becomes None so that checkpoints rebuild the folded model) and openai-whisper models set up by
-    :func:`rotary.whisper.install` (reinstall with ``mixing=None`` to load a folded state_dict). Several layers
-    sharing one Rotary are all folded with the same P before P is dropped, once. Rotaries without mixing and
+    Handles :class:`rotary.decoder.Decoder` modules (``positional="rotary-attention"``: their P, ``Decoder.mixing``,
+    is dropped and their config's ``mixing`` becomes None, so that checkpoints rebuild the folded model) and
+    openai-whisper models set up by :func:`rotary.whisper.install` (reinstall with ``mixing=None`` to load a folded
+    state_dict). All layers sharing one P are folded with it before it is dropped, once. Models without mixing and
     embedding-placement rotaries are left alone.
     """
-    pairs: list[tuple[nn.Module, Rotary]] = []
-    decoders: list[Decoder] = []
+    # (attention layers, heads, owner): owner.mixing is the P module shared by those layers (a Decoder or a Rotary)
+    groups: list[tuple[list[nn.Module], int, nn.Module]] = []
     embedding: list[Rotary] = []
     for m in model.modules():
         if isinstance(m, Decoder):
-            pairs.extend(m.attention_rotaries())
-            decoders.append(m)
+            if m.mixing is not None:
+                groups.append(([block.attn for block in m.blocks], m.config.heads, m))
             if m.config.positional == "rotary-embedding":
                 embedding.append(m.rotary)
-    pairs.extend(_whisper_attention_rotaries(model))
+    by_rotary: dict[int, tuple[list[nn.Module], Rotary]] = {}
+    for attn, rotary in _whisper_attention_rotaries(model):
+        by_rotary.setdefault(id(rotary), ([], rotary))[0].append(attn)
+    for layers, rotary in by_rotary.values():
+        if rotary.mixing is not None:
+            groups.append((layers, rotary.heads, rotary))
     embedding.extend(_whisper_embedding_rotaries(model))
 
-    matrices: dict[int, Tensor] = {}
-    for attn, rotary in pairs:
-        if rotary.mixing is None:
-            continue
-        if id(rotary) not in matrices:
-            with torch.no_grad():
-                matrices[id(rotary)] = rotary.mixing_matrix(torch.float64).to(attn.query.weight.device)
-        P = matrices[id(rotary)]
-        _fold_linear(attn.query, P, rotary.heads)
-        _fold_linear(attn.key, P, rotary.heads)
-    for _, rotary in pairs:
-        _drop_mixing(rotary)
-    for d in decoders:
-        if d.config.positional == "rotary-attention":
-            d.config = dataclasses.replace(d.config, mixing=None)
+    for layers, heads, owner in groups:
+        with torch.no_grad():
+            P = owner.mixing.matrix(torch.float64)
+        for attn in layers:
+            _fold_linear(attn.query, P.to(attn.query.weight.device), heads)
+            _fold_linear(attn.key, P.to(attn.key.weight.device), heads)
+        owner.mixing = None
+        if isinstance(owner, Rotary):
+            owner.mixing_kind = None
+        else:
+            owner.config = dataclasses.replace(owner.config, mixing=None)
     for rotary in embedding:
         if rotary.mixing is not None:
             logger.info("an embedding-placement Rotary cannot be folded (P acts on the residual stream): left as is")
