@@ -27,7 +27,7 @@ def _runs(out):
 
 
 def test_end_to_end_report_and_plots(tmp_path):
-    result = run_comparison(tasks=["lookback", "induction"], schemes=["learned", "rope", "givens"], seeds=2, cfg=TINY,
+    result = run_comparison(tasks=["lookback", "copy"], schemes=["learned", "rope", "givens"], seeds=2, cfg=TINY,
                             out=tmp_path)
     names = {f.name for f in result["files"]}
     assert {"report.md", "results.json", "curves.png", "lengths.png"} <= names

@@ -145,7 +145,7 @@ def _compare(args: argparse.Namespace) -> int:
             from tqdm import tqdm
 
             def progress(total):
-                return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True)
+                return tqdm(total=total, unit="step", leave=False, dynamic_ncols=True, mininterval=1.0)
         except ImportError:
             pass
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
