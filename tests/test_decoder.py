@@ -63,7 +63,7 @@ def _reference(model: Decoder, tokens, xa=None) -> torch.Tensor:
         half = c.dims // 2
         table = [[f(t * 10000 ** (-i / (half - 1))) for f in (math.sin, math.cos) for i in range(half)]
                  for t in range(T)]
-        x = x + torch.tensor(table, dtype=torch.float64)
+        x = x * math.sqrt(c.dims) + torch.tensor(table, dtype=torch.float64)  # Vaswani's sqrt(C) scaling
     if c.positional == "rotary-embedding":
         x = rope(x)
     for blk in m.blocks:

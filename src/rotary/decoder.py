@@ -318,6 +318,10 @@ class Decoder(nn.Module):
         offset = cache.offset if cache is not None else 0
         T = tokens.shape[1]
         x = self.token_embedding(tokens)  # (B, T, C)
+        if c.positional == "sinusoidal":
+            # Vaswani et al.'s sqrt(C) scaling: a fixed unit-amplitude table would otherwise drown embeddings
+            # initialised at std 0.02 (measured: worse than no position information at all)
+            x = x * math.sqrt(c.dims)
         if self.positional_embedding is not None:
             if offset + T > c.ctx:
                 raise ValueError(f"positions up to {offset + T} exceed the {c.positional} table (ctx={c.ctx})")
