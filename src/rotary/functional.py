@@ -105,25 +105,56 @@ class _Rotary(torch.autograd.Function):
         cos, sin, x, c, s, partner = ctx.saved_tensors
         cdtype = compute_dtype(ctx.x_dtype)
         g = grad.to(cdtype).contiguous()
-        v = g if g is not grad else torch.empty_like(g)
-        _rope_into(v, g, cos, -sin, ctx.interleaved)  # R^T g
-        grad_c = grad_s = None
+        out = g if g is not grad else torch.empty_like(g)  # becomes the gradient of x
         if c is None:
-            return v.to(ctx.x_dtype), None, None, None, None, None, None, None
+            _rope_into(out, g, cos, -sin, ctx.interleaved)  # R^T g
+            return out.to(ctx.x_dtype), None, None, None, None, None, None, None
         c, s = c.to(cdtype), s.to(cdtype)
-        D = v.shape[-1]
-        v2 = v.view(-1, D)
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            # dL/dc_d = sum_n v[n, d] x[n, d] and dL/ds_d = sum_n v[n, d] x[n, partner(d)]: both are entries of
-            # the (D, D) Gram matrix v^T x, one matmul that reads v and x once and needs no (N, D) temporary.
-            gram = v2.T @ x.to(cdtype).reshape(-1, D)
-            grad_c = gram.diagonal()
-            grad_s = gram.gather(1, partner.unsqueeze(1)).squeeze(1)
-        # G^T v = c * v - s * v[partner]: the plane rotations by minus their angles.
-        buf = torch.empty_like(v)
-        torch.index_select(v2, 1, partner, out=buf.view(-1, D))
-        buf.mul_(-s).addcmul_(v, c)
-        return buf.to(ctx.x_dtype), None, None, None, grad_c, grad_s, None, None
+        xc = x.to(cdtype).contiguous()
+        D = g.shape[-1]
+        want = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        grad_c = torch.zeros(D, dtype=cdtype, device=g.device) if want else None
+        grad_s = torch.zeros(D, dtype=cdtype, device=g.device) if want else None
+        lead = (1,) * (g.dim() - cos.dim())
+        cos, sin = cos.reshape(lead + tuple(cos.shape)), sin.reshape(lead + tuple(sin.shape))  # x's rank
+        tmp = None
+        for xi, ci in _blocks(g, cos):
+            ob = out[xi]
+            _rope_into(ob, g[xi], cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
+            o2, x2 = ob.reshape(-1, D), xc[xi].reshape(-1, D)
+            if tmp is None or tmp.numel() < o2.numel():
+                tmp = torch.empty(o2.numel(), dtype=cdtype, device=g.device)
+            t = tmp[: o2.numel()].view(-1, D)
+            if want:
+                # dL/dc_d = sum_n v[n, d] x[n, d];  dL/ds_d = sum_n v[n, d] x[n, partner(d)]
+                torch.index_select(x2, 1, partner, out=t)
+                grad_s += t.mul_(o2).sum(0)
+                grad_c += torch.mul(o2, x2, out=t).sum(0)
+            # G^T v = c * v - s * v[partner]: the plane rotations by minus their angles, in place
+            torch.index_select(o2, 1, partner, out=t)
+            o2.mul_(c).addcmul_(t, s, value=-1)
+        return out.to(ctx.x_dtype), None, None, None, grad_c, grad_s, None, None
+
+
+# The Givens backward runs block by block: each block's five passes then hit cache, and its temporary is a small
+# reused buffer rather than a second full-size allocation (on CPU, a fresh full-size buffer costs more in page
+# faults than its passes cost in arithmetic). On accelerators one block covers everything.
+_CPU_BLOCK = 1 << 19  # elements
+
+
+def _blocks(x: Tensor, cos: Tensor):
+    """``(x_index, cos_index)`` pairs tiling x ``(B, T, ...)`` along its first two dims; cos must have x's rank
+    (size-1 dims broadcast) and is indexed alike, keeping its size-1 dims whole."""
+    cos_shape = list(cos.shape)
+    if x.device.type != "cpu":
+        yield (Ellipsis,), (Ellipsis,)
+        return
+    step = max(1, _CPU_BLOCK // max(1, x[0, 0].numel()))
+    for i in range(x.shape[0]):
+        for j in range(0, x.shape[1], step):
+            rows = slice(j, j + step)
+            ci = (i if cos_shape[0] != 1 else 0, rows if cos_shape[1] != 1 else slice(None))
+            yield (i, rows), ci
 
 
 def _rotary_composed(x, cos, sin, interleaved, c, s, partner, out_dtype):

@@ -83,6 +83,7 @@ def run(
     groups = [(s, d, p) for s in (shape_list or shapes(quick)) for d in dtypes for p in ("forward", "forward+backward")]
     records: list[Record] = []
     skipped: set[str] = set()
+    floor_times: dict = {}  # (shape, dtype) -> copy times from every group: one floor for both passes
     bar = progress(total=len(groups) * len(names)) if progress else None
     for shape, dtype_name, pass_ in groups:
         dtype = getattr(torch, dtype_name)
@@ -108,7 +109,8 @@ def run(
         times = time_interleaved({n: f for n, f in cases.items() if n not in slow}, device=dev, repeats=repeats)
         if slow:
             times.update(time_interleaved({n: cases[n] for n in slow}, device=dev, repeats=3, warmup=1))
-        floor = median(times[FLOOR]) if FLOOR in times else None
+        if FLOOR in times:
+            floor_times.setdefault((shape, dtype_name), []).extend(times[FLOOR])
         for name in names:
             if name in skipped:
                 continue
@@ -120,12 +122,16 @@ def run(
             else:
                 m = median(times[name])
                 peak = peak_bytes(cases[name], dev) if pass_ == "forward+backward" and name != FLOOR else None
-                records.append(Record(**base, median_s=m, spread=spread(times[name]),
-                                      ratio_to_copy=m / floor if floor else None, peak_bytes=peak))
+                records.append(Record(**base, median_s=m, spread=spread(times[name]), ratio_to_copy=None,
+                                      peak_bytes=peak))
             if bar:
                 bar.update(1)
     if bar:
         bar.close()
+    for r in records:
+        pooled = next((t for (sh, dt), t in floor_times.items() if sh.name == r.shape and dt == r.dtype), None)
+        if pooled and r.median_s is not None:
+            r.ratio_to_copy = r.median_s / median(pooled)
     return records
 
 
@@ -189,7 +195,7 @@ def table(records: list[Record]) -> str:
                     ratio = f"{r.ratio_to_copy:.2f}" if r.ratio_to_copy is not None else "-"
                     cells += [f"{r.median_s * 1e3:.3f} ±{r.spread:.0%}", ratio]
             r = next((r for r in rows if (r.contender, r.dtype, r.pass_) == (*key, "forward+backward")), None)
-            peak = f"{r.peak_bytes / 2**20:.1f}" if r is not None and r.peak_bytes is not None else "-"
+            peak = "-" if r is None or r.peak_bytes is None else f"{r.peak_bytes / 2**20:.{1 if r.peak_bytes > 2**20 else 3}f}"
             out.append(f"| {key[0]} | {key[1]} | {' | '.join(cells)} | {peak} |")
         out.append("")
     return "\n".join(out)

@@ -33,6 +33,29 @@ def time_interleaved(
     return times
 
 
+def time_blocked(
+    fns: dict[str, Callable[[], object]], *, device: torch.device, repeats: int = 15, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Seconds per call, each fn warmed up and timed in its own block.
+
+    For pairs where one contender's memory churn changes the allocator state the next one finds (the request
+    document's module frees hundreds of MB per step, which glibc hands back to the OS, so whatever runs next
+    faults it back in), round-robin timing measures that interaction rather than the contenders.
+    """
+    times: dict[str, list[float]] = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        times[name] = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def median(ts: list[float]) -> float:
     return statistics.median(ts)
 
