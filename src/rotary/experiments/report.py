@@ -108,6 +108,13 @@ def plots(results: list[dict], agg: dict, out: Path, task_metrics: dict[str, str
 
     tasks = list(agg)
     written = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(out / name)
+
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for scheme in [s for s in schemes if s in agg[task]]:
@@ -119,11 +126,7 @@ def plots(results: list[dict], agg: dict, out: Path, task_metrics: dict[str, str
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "curves.png")
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
@@ -139,9 +142,5 @@ def plots(results: list[dict], agg: dict, out: Path, task_metrics: dict[str, str
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric} against length", fontsize=9)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out / "lengths.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "lengths.png")
     return written
