@@ -52,3 +52,13 @@ def test_seed_defects_are_real():
     m(x).sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         m(x).sum().backward()
+
+
+def test_decoder_level_rows():
+    rows = bench.decoder_level(quick=True, repeats=1)
+    assert [r["mode"] for r in rows] == list(bench.DECODER_MODES)
+    for r in rows:
+        assert r["train_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        rotary = r["mode"].startswith("rotary")
+        assert (0 < r["rotary_share_of_train_step"] < 1) if rotary else r["rotary_share_of_train_step"] == 0
+    assert "rotary share" in bench.decoder_table(rows)

@@ -102,8 +102,12 @@ def _bench(args: argparse.Namespace) -> int:
                         compile=args.compile, repeats=args.repeats, progress=progress)
     print(bench.table(records))
     print("median ± interquartile range / median; 'x copy' = time of a same-size tensor copy (the memory floor)")
+    decoder = None
+    if not args.no_decoder:
+        decoder = bench.decoder_level(quick=args.quick, device=args.device, repeats=args.repeats, progress=progress)
+        print("\n" + bench.decoder_table(decoder))
     if args.json:
-        bench.to_json(records, args.json, env)
+        bench.to_json(records, args.json, env, decoder)
         print(f"wrote {args.json}")
     if args.plot:
         try:
@@ -186,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--contenders", nargs="+", default=None, metavar="NAME", help="subset of contenders to run")
     bench.add_argument("--compile", action="store_true", help="torch.compile every contender's forward")
     bench.add_argument("--repeats", type=int, default=None)
+    bench.add_argument("--no-decoder", action="store_true", help="skip the decoder-level tokens/s section")
     bench.set_defaults(func=_bench)
     from rotary.experiments.data import TASKS
     from rotary.experiments.schemes import SCHEMES

@@ -201,8 +201,9 @@ def table(records: list[Record]) -> str:
     return "\n".join(out)
 
 
-def to_json(records: list[Record], path: str, env: dict) -> None:
-    payload = {"environment": env, "records": [{**asdict(r), "pass": r.pass_} for r in records]}
+def to_json(records: list[Record], path: str, env: dict, decoder: list[dict] | None = None) -> None:
+    payload = {"environment": env, "records": [{**asdict(r), "pass": r.pass_} for r in records],
+               "decoder": decoder or []}
     for rec in payload["records"]:
         del rec["pass_"]
     with open(path, "w") as f:
@@ -238,3 +239,101 @@ def plot(records: list[Record], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+DECODER_MODES = {  # name -> (positional, mixing)
+    "none": ("none", None),
+    "learned": ("learned", None),
+    "sinusoidal": ("sinusoidal", None),
+    "rotary-attention, no mixing": ("rotary-attention", None),
+    "rotary-attention, givens": ("rotary-attention", "givens"),
+    "rotary-embedding, givens": ("rotary-embedding", "givens"),
+}
+
+
+def decoder_level(*, quick: bool = False, device: str | None = None, repeats: int | None = None,
+                  progress=None) -> list[dict]:
+    """Tokens/s of a training step and of incremental decoding in the reference decoder for each positional
+    mode, and the rotary's share of the training step (its forward and backward work, timed on its own)."""
+    from rotary.bench import decoder_speed as ds
+    from rotary.decoder import Decoder, DecoderConfig
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    layers, dims, heads, batch, seq, vocab = (2, 128, 4, 4, 128, 1024) if quick else (4, 256, 4, 8, 512, 4096)
+    repeats = repeats or (3 if quick else 7)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=dev)
+    prompt, steps = tokens[:, :16], 64
+    models = {
+        name: Decoder(DecoderConfig(vocab=vocab, ctx=seq + 16 + steps, dims=dims, heads=heads, layers=layers,
+                                    positional=pos, mixing=mix)).to(dev)
+        for name, (pos, mix) in DECODER_MODES.items()
+    }
+    bar = progress(total=3) if progress else None
+    train = time_interleaved({n: ds._train_step(m, tokens) for n, m in models.items()}, device=dev, repeats=repeats,
+                             warmup=1)
+    if bar:
+        bar.update(1)
+    decode = time_interleaved({n: ds._decode(m, prompt, steps) for n, m in models.items()}, device=dev,
+                              repeats=repeats, warmup=1)
+    if bar:
+        bar.update(1)
+    work = {}
+    for name, m in models.items():
+        if m.config.positional == "rotary-embedding":
+            work[name] = ds._rotations(m.rotary, [(batch, seq, dims)], dev)
+        elif m.config.positional == "rotary-attention":
+            work[name] = _attention_work(m, batch, seq, dev)
+    rot = time_interleaved({n: f for n, f in work.items()}, device=dev, repeats=repeats, warmup=1)
+    if bar:
+        bar.update(1)
+        bar.close()
+    out = []
+    for name in models:
+        t_train, t_dec = median(train[name]), median(decode[name])
+        out.append({
+            "mode": name, "layers": layers, "dims": dims, "heads": heads, "batch": batch, "seq": seq,
+            "train_step_s": t_train, "train_spread": spread(train[name]),
+            "train_tokens_per_s": batch * seq / t_train,
+            "decode_s": t_dec, "decode_tokens_per_s": batch * steps / t_dec,
+            "rotary_share_of_train_step": (median(rot[name]) / t_train) if name in rot else 0.0,
+        })
+    return out
+
+
+def _attention_work(model, batch, seq, device):
+    """The attention placement's rotary work in one training step: P mixed into the q/k weights (when the model
+    has mixing) and RoPE on q and k of every layer, forward and backward."""
+    heads, head_dim = model.config.heads, model.config.head_dim
+    xs = [torch.randn(batch, seq, heads, head_dim, device=device, requires_grad=True)
+          for _ in range(2 * model.config.layers)]
+    grads = [torch.randn_like(x) for x in xs]
+    if model.mixing is None:
+        def run():
+            torch.autograd.grad([model.rotary(x) for x in xs], xs, grads)
+        return run
+    from rotary.decoder import _mix_rows
+
+    weights = [w for b in model.blocks for w in (b.attn.query.weight, b.attn.query.bias, b.attn.key.weight)]
+    wgrads = [torch.randn_like(w) for w in weights]
+    params = list(model.mixing.parameters()) + weights
+
+    def run_mixed():
+        P = model.mixing.matrix(torch.float32)
+        outs = [model.rotary(x) for x in xs] + [_mix_rows(w, P) for w in weights]
+        torch.autograd.grad(outs, xs + params, grads + wgrads)
+
+    return run_mixed
+
+
+def decoder_table(rows: list[dict]) -> str:
+    r0 = rows[0]
+    lines = [f"**reference decoder**: {r0['layers']} layers, width {r0['dims']}, {r0['heads']} heads; training "
+             f"batch {r0['batch']} x {r0['seq']} tokens; decoding a 16-token prompt then 64 tokens\n",
+             "| positional mode | train step ms | train tokens/s | decode tokens/s | rotary share of train step |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['train_step_s'] * 1e3:.1f} ±{r['train_spread']:.0%} | "
+                     f"{r['train_tokens_per_s']:,.0f} | {r['decode_tokens_per_s']:,.0f} | "
+                     f"{r['rotary_share_of_train_step']:.1%} |")
+    return "\n".join(lines)
