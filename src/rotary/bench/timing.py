@@ -61,6 +61,8 @@ def median(ts: list[float]) -> float:
 
 
 def spread(ts: list[float]) -> float:
-    """Interquartile range relative to the median."""
+    """Interquartile range relative to the median (0 for fewer than two samples)."""
+    if len(ts) < 2:
+        return 0.0
     q = statistics.quantiles(ts, n=4)
     return (q[2] - q[0]) / statistics.median(ts)
