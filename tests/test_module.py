@@ -278,3 +278,26 @@ def test_bad_input(x, kwargs, match):
     m = Rotary(16, 2)
     with pytest.raises(ValueError, match=match):
         m(x, **kwargs)
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("case", ["bf16", "non-contiguous-grad"])
+def test_gradients_low_precision_and_strided_upstream(mixing, interleaved, case):
+    """The backward's aliasing paths: a bf16 gradient (upcast copy, rotated in place) and a strided one."""
+    m = _module(mixing, interleaved)
+    B, T = 2, 5
+    pos = torch.arange(7, 7 + T)
+    if case == "bf16":
+        x = torch.randn(B, T, m.heads, m.head_dim).to(torch.bfloat16).requires_grad_()
+        g = torch.randn(B, T, m.heads, m.head_dim).to(torch.bfloat16)
+    else:
+        x = torch.randn(B, T, m.heads, m.head_dim, requires_grad=True)
+        g = torch.randn(T, B, m.heads, m.head_dim).transpose(0, 1)  # not contiguous
+    (gx,) = torch.autograd.grad(m(x, offset=7), x, g)
+    xd = x.detach().double().requires_grad_()
+    (gref,) = torch.autograd.grad(_reference(m, xd, pos), xd, g.double())
+    if case == "bf16":
+        assert bool(((gx.double() - gref).abs() <= ulp(gref, torch.bfloat16) + 1e-6).all())
+    else:
+        torch.testing.assert_close(gx.double(), gref, atol=1e-5, rtol=0)

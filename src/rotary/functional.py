@@ -120,7 +120,8 @@ class _Rotary(torch.autograd.Function):
         tmp = None
         for xi, ci in _blocks(g, cos):
             ob = out[xi]
-            _rope_into(ob, g[xi], cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
+            gb = ob if out is g else g[xi]  # the same object when aliased: _rope_into then works in place
+            _rope_into(ob, gb, cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
             o2, x2 = ob.reshape(-1, D), xc[xi].reshape(-1, D)
             if tmp is None or tmp.numel() < o2.numel():
                 tmp = torch.empty(o2.numel(), dtype=cdtype, device=g.device)
