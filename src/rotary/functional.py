@@ -136,7 +136,7 @@ class _Rotary(torch.autograd.Function):
         grad_s = torch.zeros(D, dtype=cdtype, device=g.device) if want else None
         lead = (1,) * (g.dim() - cos.dim())
         cos, sin = cos.reshape(lead + tuple(cos.shape)), sin.reshape(lead + tuple(sin.shape))  # x's rank
-        tmp = None
+        tmp = prod = None
         for xi, ci in _blocks(g, cos):
             ob = out[xi]
             gb = ob if out is g else g[xi]  # the same object when aliased: _rope_into then works in place
@@ -144,15 +144,19 @@ class _Rotary(torch.autograd.Function):
             o2, x2 = ob.reshape(-1, D), xc[xi].reshape(-1, D)
             if tmp is None or tmp.numel() < o2.numel():
                 tmp = torch.empty(o2.numel(), dtype=cdtype, device=g.device)
+                prod = torch.empty_like(tmp) if want else None
             t = tmp[: o2.numel()].view(-1, D)
+            torch.index_select(o2, 1, partner, out=t)  # v[partner]: needed for grad_x, and reused below
             if want:
-                # dL/dc_d = sum_n v[n, d] x[n, d];  dL/ds_d = sum_n v[n, d] x[n, partner(d)]
-                torch.index_select(x2, 1, partner, out=t)
-                grad_s += t.mul_(o2).sum(0)
-                grad_c += torch.mul(o2, x2, out=t).sum(0)
+                # dL/dc_d = sum_n v[n, d] x[n, d]; dL/ds_d = sum_n v[n, d] x[n, partner(d)], gathered from
+                # sum_n v[n, partner(d)] x[n, d] at the end (partner is an involution): no second gather
+                p = prod[: o2.numel()].view(-1, D)
+                grad_c += torch.mul(o2, x2, out=p).sum(0)
+                grad_s += torch.mul(t, x2, out=p).sum(0)
             # G^T v = c * v - s * v[partner]: the plane rotations by minus their angles, in place
-            torch.index_select(o2, 1, partner, out=t)
             o2.mul_(c).addcmul_(t, s, value=-1)
+        if want:
+            grad_s = grad_s[partner]
         return out.to(ctx.x_dtype), None, None, None, grad_c, grad_s, None, None
 
 
