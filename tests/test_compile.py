@@ -6,30 +6,19 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from rotary import Rotary
 
+from conftest import assert_decodes_without_recompiles
+
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
+def _fresh(fresh_dynamo):
     yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("mixing", [None, "givens", "orthogonal"])
 @pytest.mark.parametrize("learned_freq", [False, True])
 def test_no_recompiles_across_decode_steps(mixing, learned_freq):
     m = Rotary(32, 4, mixing=mixing, learned_freq=learned_freq)
-    counter = CompileCounterWithBackend("aot_eager")
-    f = torch.compile(m, backend=counter, fullgraph=True)
-    # warm-up: a prompt and the first decode steps (dynamo specialises on the first values it sees, then
-    # marks offset dynamic)
-    f(torch.randn(2, 8, 32), offset=0)
-    f(torch.randn(2, 1, 32), offset=8)
-    f(torch.randn(2, 1, 32), offset=9)
-    warm = counter.frame_count
-    for t in range(1, 65):  # decode steps with a cache of length 1..64
-        x = torch.randn(2, 1, 32)
-        torch.testing.assert_close(f(x, offset=t), m(x, offset=t), atol=1e-6, rtol=0)
-    assert counter.frame_count == warm
+    assert_decodes_without_recompiles(m, range(1, 65))  # decode steps with a cache of length 1..64
 
 
 def test_no_recompiles_across_lengths():

@@ -10,6 +10,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from rotary import Rotary, rotary_reference
 from rotary.frequencies import inverse_frequencies
 
+from conftest import assert_decodes_without_recompiles
+
 L0 = 32  # original (training) context of every test scheme
 HEAD_DIM, HEADS = 16, 3
 EPS32 = 2.0**-23
@@ -239,27 +241,12 @@ def test_lengths_are_per_row(scheme):
     torch.testing.assert_close(m(x, positions=positions), y, atol=1e-6, rtol=0)
 
 
-@pytest.fixture
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.mark.usefixtures("_fresh_dynamo")
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("scheme", list(LENGTH_DEPENDENT))
 def test_compile_fullgraph_without_recompiles_across_the_original_context(scheme):
     m = Rotary(32, 4, scaling=LENGTH_DEPENDENT[scheme])
+    assert_decodes_without_recompiles(m, range(10, 40))  # from inside to well past the original context (16)
     counter = CompileCounterWithBackend("aot_eager")
-    f = torch.compile(m, backend=counter, fullgraph=True)
-    f(torch.randn(2, 8, 32), offset=0)
-    f(torch.randn(2, 1, 32), offset=8)
-    f(torch.randn(2, 1, 32), offset=9)
-    warm = counter.frame_count
-    for t in range(10, 40):  # decode steps from inside to well past the original context (16)
-        x = torch.randn(2, 1, 32)
-        torch.testing.assert_close(f(x, offset=t), m(x, offset=t), atol=1e-6, rtol=0)
-    assert counter.frame_count == warm
     g = torch.compile(m.rotate_qk, backend=counter, fullgraph=True)  # the unrotated-cache path
     g(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 3, 8))
     g(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 4, 8))
