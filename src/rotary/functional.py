@@ -7,7 +7,8 @@ Why the eager path is hand-written: RoPE is memory-bound. Written as autograd-vi
 (``x1 * cos - x2 * sin`` ...), forward and backward each make five to eight passes over x and keep temporaries
 alive for backward. Here the forward is one complex multiply written into one fresh buffer (the interleaved
 layout is exactly a complex multiply by ``cos + i sin``), and the backward is the same multiply by the
-conjugate: nothing but the small cos/sin is saved. Low-precision inputs are upcast once, rotated in float32 and
+conjugate: nothing but the small cos/sin is saved. (On CPU, buffers above 32 MiB are first filled by a copy and
+rotated in place: see ``_COPY_FIRST_BYTES``.) Low-precision inputs are upcast once, rotated in float32 and
 rounded once, so bf16 output carries a single rounding.
 
 Under ``torch.compile`` (and when cos/sin need gradients, i.e. learned frequencies) the same maths runs as plain
@@ -38,14 +39,16 @@ def _complex_viewable(t: Tensor) -> bool:
 
 
 def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> None:
-    """``out[..., :r] = R x[..., :r]`` (out may be x); channels past r are copied when out is not x.
+    """``out[..., :r] = R x[..., :r]`` (out may be x, or alias it); channels past r are copied otherwise.
 
     Use ``-sin`` for the inverse rotation R^T. x and out are float32/float64 of equal shape.
     """
     half = cos.shape[-1]
     r = 2 * half
+    # Aliased views (out[i] and x[i] of one buffer) are the in-place case too, whatever the Python objects.
+    in_place = out is x or (out.data_ptr() == x.data_ptr() and out.stride() == x.stride())
     xr, outr = x[..., :r], out[..., :r]
-    if out is not x and r < x.shape[-1]:
+    if not in_place and r < x.shape[-1]:
         out[..., r:] = x[..., r:]
     if interleaved and _complex_viewable(xr) and _complex_viewable(outr):
         rot = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
@@ -54,7 +57,7 @@ def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bo
         return
     a, b = _pair_views(xr, interleaved)
     oa, ob = _pair_views(outr, interleaved)
-    a_in = a.clone() if out is x else a  # in place, a is overwritten before b' needs it
+    a_in = a.clone() if in_place else a  # in place, a is overwritten before b' needs it
     torch.mul(a, cos, out=oa).addcmul_(b, sin, value=-1)  # a' = a cos - b sin
     torch.mul(b, cos, out=ob).addcmul_(a_in, sin)  # b' = b cos + a sin
 
@@ -89,6 +92,17 @@ def _copy_first(t: Tensor) -> bool:
     return t.device.type == "cpu" and t.numel() * t.element_size() > _COPY_FIRST_BYTES
 
 
+def _rotated(src: Tensor, owned: bool, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """R src in a buffer of our own: src itself when owned (a fresh upcast or contiguous copy), else a new one."""
+    if owned or _copy_first(src):
+        out = src if owned else src.clone()
+        _rope_into(out, out, cos, sin, interleaved)
+    else:
+        out = torch.empty_like(src)
+        _rope_into(out, src, cos, sin, interleaved)
+    return out
+
+
 class _Rotary(torch.autograd.Function):
     """Eager fast path. Inputs: x, cos, sin (no grad), optional Givens coefficients c, s with partner."""
 
@@ -100,15 +114,8 @@ class _Rotary(torch.autograd.Function):
             y = torch.empty_like(xc)
             _givens_into(y, xc, c.to(cdtype), s.to(cdtype), partner)
             _rope_into(y, y, cos, sin, interleaved)
-        elif xc is not x:  # a fresh upcast copy: rotate it in place
-            y = xc
-            _rope_into(y, y, cos, sin, interleaved)
-        elif _copy_first(xc):
-            y = xc.clone()
-            _rope_into(y, y, cos, sin, interleaved)
         else:
-            y = torch.empty_like(xc)
-            _rope_into(y, xc, cos, sin, interleaved)
+            y = _rotated(xc, xc is not x, cos, sin, interleaved)
         ctx.interleaved = interleaved
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(cos, sin, x if c is not None else None, c, s, partner)
@@ -120,12 +127,7 @@ class _Rotary(torch.autograd.Function):
         cdtype = compute_dtype(ctx.x_dtype)
         g = grad.to(cdtype).contiguous()
         if c is None:
-            if g is not grad or _copy_first(g):  # a buffer of our own holding g: rotate it in place
-                out = g if g is not grad else g.clone()
-                _rope_into(out, out, cos, -sin, ctx.interleaved)  # R^T g
-            else:
-                out = torch.empty_like(g)
-                _rope_into(out, g, cos, -sin, ctx.interleaved)
+            out = _rotated(g, g is not grad, cos, -sin, ctx.interleaved)  # R^T g
             return out.to(ctx.x_dtype), None, None, None, None, None, None, None
         out = g if g is not grad else torch.empty_like(g)  # becomes the gradient of x
         c, s = c.to(cdtype), s.to(cdtype)
@@ -139,8 +141,7 @@ class _Rotary(torch.autograd.Function):
         tmp = prod = None
         for xi, ci in _blocks(g, cos):
             ob = out[xi]
-            gb = ob if out is g else g[xi]  # the same object when aliased: _rope_into then works in place
-            _rope_into(ob, gb, cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
+            _rope_into(ob, g[xi], cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
             o2, x2 = ob.reshape(-1, D), xc[xi].reshape(-1, D)
             if tmp is None or tmp.numel() < o2.numel():
                 tmp = torch.empty(o2.numel(), dtype=cdtype, device=g.device)
