@@ -285,8 +285,7 @@ class Decoder(nn.Module):
         else:
             self.rotary = None
         # The attention placement's P, applied to the q/k weights (see the module docstring); shared by all layers.
-        kind = "quaternion" if c.mixing == "givens" and c.head_dim == 3 else c.mixing  # as Rotary does
-        self.mixing = make_mixing(kind, c.head_dim, self.rotary.rope_pairs()) if attention else None
+        self.mixing = make_mixing(c.mixing, c.head_dim, self.rotary.rope_pairs()) if attention else None
         self.blocks = nn.ModuleList(Block(c.dims, c.heads, c.xa_dims) for _ in range(c.layers))
         self.ln = nn.LayerNorm(c.dims)
         self.reset_parameters()

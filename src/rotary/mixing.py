@@ -17,7 +17,7 @@ import random
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GivensMixing", "OrthogonalMixing", "QuaternionMixing", "default_planes", "make_mixing"]
+__all__ = ["GivensMixing", "OrthogonalMixing", "QuaternionMixing", "default_planes", "make_mixing", "resolve_kind"]
 
 _PLANE_SEED = 0  # fixed: the planes are part of the model and also stored in its state_dict
 
@@ -173,8 +173,14 @@ class OrthogonalMixing(_Mixing):
 MIXINGS = ("givens", "quaternion", "orthogonal")
 
 
+def resolve_kind(kind: str | None, head_dim: int) -> str | None:
+    """For 3-dimensional heads the Givens family is the quaternion rotation (one plane would fix an axis)."""
+    return "quaternion" if kind == "givens" and head_dim == 3 else kind
+
+
 def make_mixing(kind: str | None, head_dim: int, rope_pairs: list[tuple[int, int]]) -> nn.Module | None:
-    """Build the mixing module named ``kind`` (None: no mixing)."""
+    """Build the mixing module named ``kind`` (None: no mixing), after :func:`resolve_kind`."""
+    kind = resolve_kind(kind, head_dim)
     if kind is None:
         return None
     if kind == "givens":

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .frequencies import angle_dtype, inverse_frequencies, rotary_angles
 from .functional import compute_dtype, rotate
-from .mixing import GivensMixing, make_mixing
+from .mixing import GivensMixing, make_mixing, resolve_kind
 from .scaling import Scaling
 
 __all__ = ["Rotary", "rotary"]
@@ -88,12 +88,10 @@ class Rotary(nn.Module):
             raise ValueError(f"base must be > 1, got {base!r}")
         if parsed is not None:
             parsed.check(rotary_dim)
-        if mixing == "givens" and head_dim == 3:
-            mixing = "quaternion"
         self.dims, self.heads, self.head_dim, self.rotary_dim = dims, heads, head_dim, rotary_dim
         self.base = float(base)
         self.interleaved = interleaved
-        self.mixing_kind = mixing
+        self.mixing_kind = resolve_kind(mixing, head_dim)
         self.mixing = make_mixing(mixing, head_dim, self.rope_pairs())
         self.log_freq_scale = nn.Parameter(torch.zeros(rotary_dim // 2)) if learned_freq else None
         self.scaling = parsed
