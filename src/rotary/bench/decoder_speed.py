@@ -36,13 +36,15 @@ def _model(vocab: int, device, positional: str, mixing: str | None) -> Decoder:
     cfg = DecoderConfig(vocab=vocab, ctx=SEQ, dims=DIMS, heads=HEADS, layers=LAYERS, positional=positional,
                         mixing=mixing)
     model = Decoder(cfg).to(device)
-    if model.rotary is not None and model.rotary.mixing is not None:
-        with torch.no_grad():  # trained-looking angles; the cost does not depend on them
-            model.rotary.mixing.angles.normal_()
+    mixing = model.mixing or (model.rotary.mixing if model.rotary is not None else None)
+    if mixing is not None:
+        with torch.no_grad():  # trained-looking parameters; the cost does not depend on them
+            for p in mixing.parameters():
+                p.normal_(std=0.1)
     return model
 
 
-def _train_step(model: Decoder, tokens: torch.Tensor):
+def train_step(model: Decoder, tokens: torch.Tensor):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -55,7 +57,7 @@ def _train_step(model: Decoder, tokens: torch.Tensor):
     return step
 
 
-def _decode(model: Decoder, prompt: torch.Tensor, steps: int):
+def decode(model: Decoder, prompt: torch.Tensor, steps: int):
     def run():
         with torch.no_grad():
             cache = KVCache()
@@ -66,7 +68,7 @@ def _decode(model: Decoder, prompt: torch.Tensor, steps: int):
     return run
 
 
-def _rotations(rot: rotary.Rotary, shapes: list[tuple[int, ...]], device):
+def rotations(rot: rotary.Rotary, shapes: list[tuple[int, ...]], device):
     """Forward and backward of rotations of tensors of the given shapes, with a random upstream gradient."""
     xs = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
     grads = [torch.randn(s, device=device) for s in shapes]
@@ -79,17 +81,24 @@ def _rotations(rot: rotary.Rotary, shapes: list[tuple[int, ...]], device):
     return run
 
 
-def _attention_rotary_work(model: Decoder, device):
-    """The attention placement's rotary work in one training step of ``model``, forward and backward: P built once,
-    mixed into each layer's q weight, q bias and k weight, and plain RoPE on q and k of every layer."""
-    weights = [w for b in model.blocks for w in (b.attn.query.weight, b.attn.query.bias, b.attn.key.weight)]
-    xs = [torch.randn(BATCH, SEQ, HEADS, DIMS // HEADS, device=device, requires_grad=True) for _ in range(2 * LAYERS)]
-    grads = [torch.randn_like(x) for x in xs] + [torch.randn_like(w) for w in weights]
-    params = list(model.mixing.parameters()) + weights
+def attention_rotary_work(model: Decoder, batch: int, seq: int, device):
+    """The attention placement's rotary work in one training step of ``model``, forward and backward: RoPE on q
+    and k of every layer and, when the model has learned mixing, P built once and mixed into each layer's q
+    weight, q bias and k weight."""
+    heads, head_dim = model.config.heads, model.config.head_dim
+    xs = [torch.randn(batch, seq, heads, head_dim, device=device, requires_grad=True)
+          for _ in range(2 * model.config.layers)]
+    weights = [] if model.mixing is None else [
+        w for b in model.blocks for w in (b.attn.query.weight, b.attn.query.bias, b.attn.key.weight)
+    ]
+    grads = [torch.randn_like(t) for t in xs + weights]
+    params = [] if model.mixing is None else list(model.mixing.parameters()) + weights
 
     def run():
-        P = model.mixing.matrix(torch.float32)
-        outs = [model.rotary(x) for x in xs] + [_mix_rows(w, P) for w in weights]
+        outs = [model.rotary(x) for x in xs]
+        if model.mixing is not None:
+            P = model.mixing.matrix(torch.float32)
+            outs += [_mix_rows(w, P) for w in weights]
         torch.autograd.grad(outs, xs + params, grads)
 
     return run
@@ -119,10 +128,10 @@ def main(argv=None) -> None:
     # 1. training steps
     tokens = torch.randint(0, args.vocab, (BATCH, SEQ + 1), device=device)
     fns = {
-        "train rotary-attention givens": _train_step(_model(args.vocab, device, "rotary-attention", "givens"), tokens),
-        "train rotary-attention mixing=None": _train_step(_model(args.vocab, device, "rotary-attention", None), tokens),
-        "train rotary-embedding givens": _train_step(_model(args.vocab, device, "rotary-embedding", "givens"), tokens),
-        "train positional=none": _train_step(_model(args.vocab, device, "none", None), tokens),
+        "train rotary-attention givens": train_step(_model(args.vocab, device, "rotary-attention", "givens"), tokens),
+        "train rotary-attention mixing=None": train_step(_model(args.vocab, device, "rotary-attention", None), tokens),
+        "train rotary-embedding givens": train_step(_model(args.vocab, device, "rotary-embedding", "givens"), tokens),
+        "train positional=none": train_step(_model(args.vocab, device, "none", None), tokens),
     }
     t = report(time_interleaved(fns, device=device, repeats=args.repeats, warmup=2))
     r = t["train rotary-attention givens"] / t["train rotary-attention mixing=None"]
@@ -133,8 +142,8 @@ def main(argv=None) -> None:
     givens = _model(args.vocab, device, "rotary-attention", "givens").eval()
     folded = rotary.fold(_model(args.vocab, device, "rotary-attention", "givens").eval())
     plain = _model(args.vocab, device, "rotary-attention", None).eval()
-    fns = {"decode folded givens": _decode(folded, prompt, 64), "decode plain RoPE": _decode(plain, prompt, 64),
-           "decode unfolded givens": _decode(givens, prompt, 64)}
+    fns = {"decode folded givens": decode(folded, prompt, 64), "decode plain RoPE": decode(plain, prompt, 64),
+           "decode unfolded givens": decode(givens, prompt, 64)}
     res = time_interleaved(fns, device=device, repeats=3 * args.repeats)
     t = report(res)
     r = t["decode folded givens"] / t["decode plain RoPE"]
@@ -145,9 +154,9 @@ def main(argv=None) -> None:
     embedding = _model(args.vocab, device, "rotary-embedding", "givens")  # its Rotary carries P
     attention = _model(args.vocab, device, "rotary-attention", "givens")  # P on the weights, plain RoPE
     fns = {
-        "rotary work, embedding placement": _rotations(embedding.rotary, [(BATCH, SEQ, DIMS)], device),
-        "rotary work, attention placement": _attention_rotary_work(attention, device),
-        "(attention, P on activations instead)": _rotations(
+        "rotary work, embedding placement": rotations(embedding.rotary, [(BATCH, SEQ, DIMS)], device),
+        "rotary work, attention placement": attention_rotary_work(attention, BATCH, SEQ, device),
+        "(attention, P on activations instead)": rotations(
             embedding.rotary, [(BATCH, SEQ, HEADS, DIMS // HEADS)] * (2 * LAYERS), device
         ),
     }

@@ -270,20 +270,20 @@ def decoder_level(*, quick: bool = False, device: str | None = None, repeats: in
         for name, (pos, mix) in DECODER_MODES.items()
     }
     bar = progress(total=3) if progress else None
-    train = time_interleaved({n: ds._train_step(m, tokens) for n, m in models.items()}, device=dev, repeats=repeats,
+    train = time_interleaved({n: ds.train_step(m, tokens) for n, m in models.items()}, device=dev, repeats=repeats,
                              warmup=1)
     if bar:
         bar.update(1)
-    decode = time_interleaved({n: ds._decode(m, prompt, steps) for n, m in models.items()}, device=dev,
+    decode = time_interleaved({n: ds.decode(m, prompt, steps) for n, m in models.items()}, device=dev,
                               repeats=repeats, warmup=1)
     if bar:
         bar.update(1)
     work = {}
     for name, m in models.items():
         if m.config.positional == "rotary-embedding":
-            work[name] = ds._rotations(m.rotary, [(batch, seq, dims)], dev)
+            work[name] = ds.rotations(m.rotary, [(batch, seq, dims)], dev)
         elif m.config.positional == "rotary-attention":
-            work[name] = _attention_work(m, batch, seq, dev)
+            work[name] = ds.attention_rotary_work(m, batch, seq, dev)
     rot = time_interleaved({n: f for n, f in work.items()}, device=dev, repeats=repeats, warmup=1)
     if bar:
         bar.update(1)
@@ -299,31 +299,6 @@ def decoder_level(*, quick: bool = False, device: str | None = None, repeats: in
             "rotary_share_of_train_step": (median(rot[name]) / t_train) if name in rot else 0.0,
         })
     return out
-
-
-def _attention_work(model, batch, seq, device):
-    """The attention placement's rotary work in one training step: P mixed into the q/k weights (when the model
-    has mixing) and RoPE on q and k of every layer, forward and backward."""
-    heads, head_dim = model.config.heads, model.config.head_dim
-    xs = [torch.randn(batch, seq, heads, head_dim, device=device, requires_grad=True)
-          for _ in range(2 * model.config.layers)]
-    grads = [torch.randn_like(x) for x in xs]
-    if model.mixing is None:
-        def run():
-            torch.autograd.grad([model.rotary(x) for x in xs], xs, grads)
-        return run
-    from rotary.decoder import _mix_rows
-
-    weights = [w for b in model.blocks for w in (b.attn.query.weight, b.attn.query.bias, b.attn.key.weight)]
-    wgrads = [torch.randn_like(w) for w in weights]
-    params = list(model.mixing.parameters()) + weights
-
-    def run_mixed():
-        P = model.mixing.matrix(torch.float32)
-        outs = [model.rotary(x) for x in xs] + [_mix_rows(w, P) for w in weights]
-        torch.autograd.grad(outs, xs + params, grads + wgrads)
-
-    return run_mixed
 
 
 def decoder_table(rows: list[dict]) -> str:
