@@ -82,9 +82,10 @@ def _lr(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _masked_loss(logits, targets, mask):
+def _masked_loss_sum(logits, targets, mask):
+    """Summed cross-entropy over the positions ``mask`` selects."""
     losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-    return (losses * mask).sum() / mask.sum()
+    return (losses * mask).sum()
 
 
 @torch.no_grad()
@@ -95,8 +96,7 @@ def evaluate(model: Decoder, task: Task, seed: int, length: int, batches: int, b
     for k in range(batches):
         tokens, targets, mask = (t.to(device) for t in task.batch("val", seed, k, batch, length))
         logits = model(tokens)
-        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
-        total_loss += float((losses * mask).sum())
+        total_loss += float(_masked_loss_sum(logits, targets, mask))
         total_correct += float(((logits.argmax(-1) == targets) & mask).sum())
         total += float(mask.sum())
     model.train()
@@ -174,12 +174,17 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
         trained = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     rows = slice(rank * cfg.batch // world, (rank + 1) * cfg.batch // world)
     done_here = 0
+
+    def save_checkpoint():
+        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                      "elapsed": elapsed, "curve": curve}, ckpt_path)
+
     while step < cfg.steps:
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg)
         tokens, targets, mask = (t[rows].to(device) for t in task.batch("train", seed, step, cfg.batch, cfg.length))
-        loss = _masked_loss(trained(tokens), targets, mask)
+        loss = _masked_loss_sum(trained(tokens), targets, mask) / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,14 +195,12 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
         if rank == 0 and (step % cfg.eval_every == 0 or step == cfg.steps):
             curve.append((step, evaluate(model, task, seed, cfg.length, 1, cfg.batch, device)[0]))
         if rank == 0 and (step % cfg.checkpoint_every == 0 and step < cfg.steps):
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                          "elapsed": elapsed, "curve": curve}, ckpt_path)
+            save_checkpoint()
         if on_step:
             on_step()
         if interrupt_after is not None and done_here >= interrupt_after and step < cfg.steps:
             if rank == 0:
-                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                              "elapsed": elapsed, "curve": curve}, ckpt_path)
+                save_checkpoint()
             return None
     if on_trained:
         on_trained(model)
