@@ -161,9 +161,9 @@ class _Rotary(torch.autograd.Function):
         return out.to(ctx.x_dtype), None, None, None, grad_c, grad_s, None, None
 
 
-# The Givens backward runs block by block: each block's five passes then hit cache, and its temporary is a small
-# reused buffer rather than a second full-size allocation (on CPU, a fresh full-size buffer costs more in page
-# faults than its passes cost in arithmetic). On accelerators one block covers everything.
+# The Givens backward runs block by block: each block's gather and seven passes then hit cache, and its
+# temporaries are small reused buffers rather than full-size allocations (on CPU, a fresh full-size buffer costs
+# more in page faults than its passes cost in arithmetic). On accelerators one block covers everything.
 _CPU_BLOCK = 1 << 19  # elements
 
 
