@@ -1,6 +1,7 @@
 """The reference decoder against a float64 oracle, incremental decoding against full forwards, folding, beams."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -9,14 +10,18 @@ import torch.nn.functional as F
 
 import rotary
 from rotary import rotary_reference
-from rotary.decoder import POSITIONAL, Decoder, DecoderConfig, KVCache, load, save
+from rotary.decoder import Decoder, DecoderConfig, KVCache, load, save
 
 VOCAB, XA_DIMS = 97, 24
+# every positional mode: the rotary placements by their placement name, the tables by theirs
+MODES = {"attention": {"positional": "rotary", "placement": "attention"},
+         "embedding": {"positional": "rotary", "placement": "embedding"},
+         "learned": {"positional": "learned"}, "sinusoidal": {"positional": "sinusoidal"}, "none": {"positional": "none"}}
 
 
-def _model(positional="rotary-attention", xa=False, mixing="givens", dims=48, heads=4, layers=2, **kw):
+def _model(mode="attention", xa=False, mixing="givens", dims=48, heads=4, layers=2, **kw):
     cfg = DecoderConfig(vocab=VOCAB, ctx=64, dims=dims, heads=heads, layers=layers,
-                        xa_dims=XA_DIMS if xa else None, positional=positional, mixing=mixing, **kw)
+                        xa_dims=XA_DIMS if xa else None, mixing=mixing, **MODES[mode], **kw)
     model = Decoder(cfg).eval()
     with torch.no_grad():  # away from the identity, so that P and learned frequencies matter wherever tested
         for name, p in model.named_parameters():
@@ -48,7 +53,7 @@ def _reference(model: Decoder, tokens, xa=None) -> torch.Tensor:
         S = kv.shape[1]
         k = attn.key(kv).view(B, S, H, D).transpose(1, 2)
         v = attn.value(kv).view(B, S, H, D).transpose(1, 2)
-        if causal and c.positional == "rotary-attention":
+        if causal and c.positional == "rotary" and c.placement == "attention":
             q = rope(q.transpose(1, 2).reshape(B, T, -1)).view(B, T, H, D).transpose(1, 2)
             k = rope(k.transpose(1, 2).reshape(B, T, -1)).view(B, T, H, D).transpose(1, 2)
         scores = q @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, T, S)
@@ -64,7 +69,7 @@ def _reference(model: Decoder, tokens, xa=None) -> torch.Tensor:
         table = [[f(t * 10000 ** (-i / (half - 1))) for f in (math.sin, math.cos) for i in range(half)]
                  for t in range(T)]
         x = x * math.sqrt(c.dims) + torch.tensor(table, dtype=torch.float64)  # Vaswani's sqrt(C) scaling
-    if c.positional == "rotary-embedding":
+    if c.positional == "rotary" and c.placement == "embedding":
         x = rope(x)
     for blk in m.blocks:
         x = x + attention(blk.attn, blk.attn_ln(x), blk.attn_ln(x), causal=True)
@@ -85,7 +90,7 @@ def _incremental(model, tokens, xa, chunks, cache=None):
     return torch.cat(out, dim=1)
 
 
-@pytest.mark.parametrize("positional", POSITIONAL)
+@pytest.mark.parametrize("positional", MODES)
 @pytest.mark.parametrize("xa", [False, True])
 def test_matches_float64_reference(positional, xa):
     model = _model(positional, xa)
@@ -97,7 +102,7 @@ def test_matches_float64_reference(positional, xa):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("positional", POSITIONAL)
+@pytest.mark.parametrize("positional", MODES)
 @pytest.mark.parametrize("xa", [False, True])
 @pytest.mark.parametrize("chunks", [[1] * 13, [4, 3, 1, 1, 4]])
 def test_incremental_equals_full(positional, xa, chunks):
@@ -109,7 +114,7 @@ def test_incremental_equals_full(positional, xa, chunks):
     assert (full - inc).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("positional", POSITIONAL)
+@pytest.mark.parametrize("positional", MODES)
 def test_reorder_cache_for_beam_search(positional):
     model = _model(positional, xa=True)
     tokens, feats = _inputs(B=2, T=6, xa=True)
@@ -124,11 +129,11 @@ def test_reorder_cache_for_beam_search(positional):
     assert (full - inc).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("positional,relative", [("rotary-attention", True), ("none", True),
-                                                 ("rotary-embedding", False), ("learned", False)])
-def test_relative_only_in_the_attention_placement(positional, relative):
+@pytest.mark.parametrize("mode,relative", [("attention", True), ("none", True), ("embedding", False),
+                                           ("learned", False)])
+def test_relative_only_in_the_attention_placement(mode, relative):
     """Starting the same text at position 29 changes nothing iff scores depend only on relative positions."""
-    model = _model(positional, xa=False)
+    model = _model(mode, xa=False)
     tokens, _ = _inputs(T=9)
     with torch.no_grad():
         at0 = model(tokens)
@@ -140,14 +145,14 @@ def test_relative_only_in_the_attention_placement(positional, relative):
 @pytest.mark.parametrize("mixing", ["givens", "orthogonal", "quaternion"])
 @pytest.mark.parametrize("interleaved,rotary_dim", [(True, None), (False, 6)])
 def test_fold_keeps_logits_and_exact_cache(mixing, interleaved, rotary_dim, tmp_path):
-    model = _model("rotary-attention", xa=True, mixing=mixing, interleaved=interleaved, rotary_dim=rotary_dim)
+    model = _model("attention", xa=True, mixing=mixing, interleaved=interleaved, rotary_dim=rotary_dim)
     tokens, feats = _inputs(xa=True)
     with torch.no_grad():
         before = model(tokens, feats)
         assert rotary.fold(model) is model
         after = model(tokens, feats)
         inc = _incremental(model, tokens, feats, [5, 1, 1, 6])
-    assert model.mixing is None and model.rotary.mixing is None and model.config.mixing is None
+    assert model.rotary.mixing is None and model.config.mixing is None
     assert not any("mixing" in k for k in model.state_dict())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     assert (after - inc).abs().max() <= 1e-5
@@ -156,23 +161,55 @@ def test_fold_keeps_logits_and_exact_cache(mixing, interleaved, rotary_dim, tmp_
         assert torch.equal(load(tmp_path / "folded.pt")(tokens, feats), after)
 
 
-def test_fold_leaves_embedding_placement_and_plain_models_alone():
-    for positional in ("rotary-embedding", "learned"):
-        model = _model(positional)
-        tokens, _ = _inputs()
-        state = copy.deepcopy(model.state_dict())
-        with torch.no_grad():
-            before = model(tokens)
+@pytest.mark.parametrize("mode", ["embedding", "learned", "attention-without-mixing"])
+def test_fold_refuses_embedding_placement_and_leaves_plain_models_alone(mode):
+    model = _model("attention", mixing=None) if mode == "attention-without-mixing" else _model(mode)
+    tokens, _ = _inputs()
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        before = model(tokens)
+        if mode == "embedding":
+            with pytest.raises(ValueError, match="embedding placement cannot be folded"):
+                rotary.fold(model)
+        else:
             rotary.fold(model)
-            assert torch.equal(model(tokens), before)
-        assert model.state_dict().keys() == state.keys()
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert model.config.positional == "learned"
+        assert torch.equal(model(tokens), before)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-@pytest.mark.parametrize("positional", POSITIONAL)
-def test_save_load_roundtrip_bit_identical(positional, tmp_path):
-    model = _model(positional, xa=True, learned_freq=True)
+def test_old_checkpoint_loads(tmp_path):
+    """A checkpoint from before ``placement`` (positional="rotary-attention", P saved as ``mixing.*``) loads."""
+    model = _model("attention", xa=True)
+    tokens, feats = _inputs(xa=True)
+    config = {**dataclasses.asdict(model.config), "positional": "rotary-attention"}
+    del config["placement"]
+    state = {k.removeprefix("rotary."): v for k, v in model.state_dict().items()}
+    assert "mixing.angles" in state
+    torch.save({"config": config, "state_dict": state}, tmp_path / "old.pt")
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "old.pt")(tokens, feats), model(tokens, feats))
+    torch.save({"config": {**config, "alibi": True}, "state_dict": state}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="unknown fields \\['alibi'\\]"):
+        load(tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="positional='rotary', placement='attention'"):
+        DecoderConfig(vocab=10, positional="rotary-attention")
+
+
+def test_follows_the_dtype_of_xa():
+    """As whisper's decoder: fp32 weights, bf16 features -> the decoder computes in bf16 (no dtype error)."""
+    model = _model("attention", xa=True)
+    tokens, feats = _inputs(xa=True)
+    with torch.no_grad():
+        full = model(tokens, feats)
+        half = model(tokens, feats.bfloat16())
+    assert half.dtype == torch.float32  # logits are returned in float32, as whisper's
+    assert (half - full).abs().max() < 0.1 * full.abs().max()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_save_load_roundtrip_bit_identical(mode, tmp_path):
+    model = _model(mode, xa=True, learned_freq=True)
     tokens, feats = _inputs(xa=True)
     save(model, tmp_path / "m.pt")
     loaded = load(tmp_path / "m.pt")
@@ -181,10 +218,10 @@ def test_save_load_roundtrip_bit_identical(positional, tmp_path):
         assert torch.equal(loaded.eval()(tokens, feats), model(tokens, feats))
 
 
-@pytest.mark.parametrize("positional", ["rotary-attention", "rotary-embedding"])
-def test_training_steps_update_rotary(positional):
-    model = _model(positional, mixing="givens", learned_freq=True).train()
-    names = {"mixing.angles" if positional == "rotary-attention" else "rotary.mixing.angles", "rotary.log_freq_scale"}
+@pytest.mark.parametrize("mode", ["attention", "embedding"])
+def test_training_steps_update_rotary(mode):
+    model = _model(mode, mixing="givens", learned_freq=True).train()
+    names = {"rotary.mixing.angles", "rotary.log_freq_scale"}  # one place for P, whatever the placement
     assert {n for n, _ in model.named_parameters() if "mixing" in n or "rotary" in n} == names
     with torch.no_grad():
         for n in names:
@@ -223,4 +260,4 @@ def test_errors():
         _model(xa=False)(tokens, feats)
     with pytest.raises(ValueError, match="ctx"):
         _model("learned")(tokens, cache=KVCache(offset=60))
-    _model("rotary-attention")(tokens, cache=KVCache(offset=1000))  # rotary modes have no table to run out of
+    _model("attention")(tokens, cache=KVCache(offset=1000))  # rotary modes have no table to run out of

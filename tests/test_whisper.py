@@ -92,14 +92,12 @@ def test_installed_model_computes_a_rotary_decoder(placement, features):
 
     model = _installed(placement)
     cfg = DecoderConfig(vocab=DIMS.n_vocab, ctx=DIMS.n_text_ctx, dims=64, heads=4, layers=2, xa_dims=64,
-                        positional="rotary-" + placement)
+                        positional="rotary", placement=placement)
     ref = Decoder(cfg).eval()
     state = {k.removeprefix("decoder."): v for k, v in model.state_dict().items() if k.startswith("decoder.")}
     # Same parameter names as whisper's, but no learned table: the attention placement bypasses whisper's,
     # the embedding placement adds it (zeroed here to match).
-    del state["positional_embedding"]
-    if placement == "attention":  # the reference decoder keeps this placement's P next to its layers
-        state = {k.removeprefix("rotary."): v for k, v in state.items()}
+    del state["positional_embedding"]  # P has the same name in both: decoder.rotary.mixing.*
     ref.load_state_dict(state, strict=True)
     tokens = torch.randint(0, DIMS.n_vocab, (2, 9))
     with torch.no_grad():
@@ -120,6 +118,19 @@ def test_greedy_and_beam_decode_run(placement, mel):
                                                                    sample_len=10))
     assert len(greedy) == 2 and len(beam) == 1
     assert all(isinstance(r.text, str) and len(r.tokens) <= 10 for r in greedy + beam)
+
+
+@pytest.mark.parametrize("mixing", [None, "givens", "orthogonal"])
+def test_identity_install_gives_stock_logits_at_position_0(mixing, features):
+    """Attention placement, learned table kept, one token at position 0: R(0) = I and P = I at install, so the
+    installed model must compute exactly what whisper does. Fails the day whisper changes the forward we replace."""
+    stock = _stock()
+    model = rw.install(copy.deepcopy(stock), placement="attention", learned_positions=True, mixing=mixing).eval()
+    tokens = torch.randint(0, DIMS.n_vocab, (2, 1))
+    with torch.no_grad():
+        want = stock.logits(tokens, features)
+        got = model.logits(tokens, features)
+    assert (got - want).abs().max() <= 1e-6
 
 
 def test_transcribe_runs(audio):
@@ -167,12 +178,13 @@ def test_fold_keeps_logits_and_cache(features):
         assert torch.equal(fresh.logits(tokens, features), after)
 
 
-def test_fold_leaves_embedding_placement_alone(features):
+def test_fold_refuses_embedding_placement(features):
     model = _installed("embedding")
     tokens = torch.randint(0, DIMS.n_vocab, (2, 7))
     with torch.no_grad():
         before = model.logits(tokens, features)
-        rotary.fold(model)
+        with pytest.raises(ValueError, match="embedding placement cannot be folded"):
+            rotary.fold(model)
         assert torch.equal(model.logits(tokens, features), before)
     assert model.decoder.rotary.mixing is not None
 

@@ -1,23 +1,23 @@
 """A compact reference decoder in the style of openai-whisper's ``TextDecoder``, with every positional mode.
 
-    config = DecoderConfig(vocab=51865, positional="rotary-attention", mixing="givens")
+    config = DecoderConfig(vocab=51865, positional="rotary", placement="attention", mixing="givens")
     model = Decoder(config)
     logits = model(tokens)                         # decoder-only LM (config.xa_dims is None)
     logits = model(tokens, xa, cache=cache)        # with cross-attention and a KV cache
 
 Shapes: B batch, T new tokens, S cached + new positions, A audio frames, C dims, H heads, D head_dim, V vocab.
 
-Data flow: tokens -> embedding (+ learned or sinusoidal table; -> Rotary for "rotary-embedding") -> blocks
-(pre-LayerNorm residual: causal self-attention, whose q and k go through the shared Rotary for
-"rotary-attention"; optional cross-attention to ``xa``, never rotated; MLP) -> LayerNorm -> logits tied to the
-token embedding.
+Data flow: tokens -> embedding (+ learned or sinusoidal table; -> Rotary in the embedding placement) -> blocks
+(pre-LayerNorm residual: causal self-attention, whose q and k go through the shared Rotary in the attention
+placement; optional cross-attention to ``xa``, never rotated; MLP) -> LayerNorm -> logits tied to the token
+embedding. Like whisper's decoder, it computes in the dtype of ``xa`` when given one (weights are cast on use).
 
-Where P goes in the attention placement: ``R(m) P (W_q x + b_q) = R(m) ((P W_q) x + P b_q)`` per head, so the
-decoder owns P (``Decoder.mixing``) and applies it to the q and k projection weights, ``(H, D, D) @ (H, D, C)``
-once per forward, instead of to every activation: training then costs what plain RoPE costs plus a few tiny
-matmuls, and its Rotary (``mixing=None``) is plain RoPE. This is :func:`rotary.fold` done differentiably each
-step; after ``fold`` the product is stored and even that goes. In the embedding placement P acts on the residual
-stream and stays inside the Rotary.
+P lives in the Rotary (``Decoder.rotary.mixing``, as in every other install). In the attention placement
+``R(m) P (W_q x + b_q) = R(m) ((P W_q) x + P b_q)`` per head, so the decoder applies P to the q and k projection
+weights, ``(H, D, D) @ (H, D, C)`` once per forward, instead of to every activation, and asks the Rotary for
+RoPE alone (``mix=False``): training then costs what plain RoPE costs plus a few tiny matmuls. This is
+:func:`rotary.fold` done differentiably each step; after ``fold`` the product is stored and even that goes. In
+the embedding placement P acts on the residual stream and the Rotary applies it.
 
 Positions are explicit: a forward starts at ``cache.offset`` (0 without a cache) and the cache records how many
 positions it holds. Keys are cached after rotation, since a position never changes once written, so each step
@@ -34,12 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mixing import make_mixing
+from .fold import fold_mixing, mix_rows
+from .functional import compute_dtype
 from .module import Rotary
 
-__all__ = ["POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
+__all__ = ["PLACEMENTS", "POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
 
-POSITIONAL = ("learned", "sinusoidal", "none", "rotary-embedding", "rotary-attention")
+POSITIONAL = ("learned", "sinusoidal", "none", "rotary")
+PLACEMENTS = ("attention", "embedding")
+# checkpoints written before placement became its own field
+_OLD_POSITIONAL = {"rotary-attention": "attention", "rotary-embedding": "embedding"}
 
 
 @dataclass
@@ -54,7 +58,9 @@ class DecoderConfig:
         layers: residual blocks.
         xa_dims: width of the cross-attention input ``xa`` (e.g. the audio encoder's); None for a decoder-only LM.
         positional: one of :data:`POSITIONAL`.
-        mixing, interleaved, rotary_dim, base, learned_freq: the :class:`rotary.Rotary` options (rotary modes only).
+        placement: where the rotary acts (``positional="rotary"`` only): ``"attention"`` (q and k of every
+            self-attention) or ``"embedding"`` (once, on the token embeddings: the original module's placement).
+        mixing, interleaved, rotary_dim, base, learned_freq: the :class:`rotary.Rotary` options (rotary only).
     """
 
     vocab: int
@@ -63,7 +69,8 @@ class DecoderConfig:
     heads: int = 6
     layers: int = 4
     xa_dims: int | None = None
-    positional: str = "rotary-attention"
+    positional: str = "rotary"
+    placement: str = "attention"
     mixing: str | None = "givens"
     interleaved: bool = True
     rotary_dim: int | None = None
@@ -71,8 +78,15 @@ class DecoderConfig:
     learned_freq: bool = False
 
     def __post_init__(self):
+        if self.positional in _OLD_POSITIONAL:
+            raise ValueError(
+                f"positional={self.positional!r} is now positional='rotary', "
+                f"placement={_OLD_POSITIONAL[self.positional]!r}"
+            )
         if self.positional not in POSITIONAL:
             raise ValueError(f"positional must be one of {POSITIONAL}, got {self.positional!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         for name in ("vocab", "ctx", "dims", "heads", "layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -94,7 +108,7 @@ class KVCache:
     ``offset`` is the position of the next token. A fresh cache starts at 0; ``KVCache(offset=n)`` starts a
     sequence at position n (the cached keys are then positions ``n .. offset - 1``).
 
-    ``keys[i]``, ``values[i]``: ``(B, S, H, D)`` self-attention, keys already rotated ("rotary-attention").
+    ``keys[i]``, ``values[i]``: ``(B, S, H, D)`` self-attention, keys already rotated (attention placement).
     ``cross[i]``: ``(keys, values)`` ``(B, A, H, D)`` of cross-attention, computed from ``xa`` at the first call.
     """
 
@@ -145,11 +159,21 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
     return y.transpose(1, 2).reshape(B, T, H * D)
 
 
-def _mix_rows(weight: Tensor, P: Tensor) -> Tensor:
-    """Per head, ``P @ rows``: weight ``(H*D, C_in)`` (or a bias ``(H*D,)``), P ``(D, D)``."""
-    D = P.shape[0]
-    mixed = P.to(weight.dtype) @ weight.reshape(-1, D, weight.shape[-1] if weight.dim() == 2 else 1)  # (H, D, C)
-    return mixed.reshape(weight.shape)
+class Linear(nn.Linear):
+    """``nn.Linear`` whose weights follow the input's dtype, as whisper's (a bf16 ``xa`` runs the decoder in bf16)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` computed in float32 (float64 for float64 input) and returned in the input's dtype, as
+    whisper's: bf16 statistics would cost precision for nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = compute_dtype(x.dtype)
+        w, b = (None if t is None else t.to(dt) for t in (self.weight, self.bias))
+        return F.layer_norm(x.to(dt), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -162,10 +186,10 @@ class SelfAttention(nn.Module):
     def __init__(self, dims: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, dims // heads
-        self.query = nn.Linear(dims, dims)
-        self.key = nn.Linear(dims, dims, bias=False)
-        self.value = nn.Linear(dims, dims)
-        self.out = nn.Linear(dims, dims)
+        self.query = Linear(dims, dims)
+        self.key = Linear(dims, dims, bias=False)
+        self.value = Linear(dims, dims)
+        self.out = Linear(dims, dims)
 
     def forward(
         self,
@@ -182,15 +206,16 @@ class SelfAttention(nn.Module):
         if mixing is None:
             q, k = self.query(x), self.key(x)
         else:
+            P = mixing.to(x.dtype)
             bias = self.query.bias
-            q = F.linear(x, _mix_rows(self.query.weight, mixing), None if bias is None else _mix_rows(bias, mixing))
-            k = F.linear(x, _mix_rows(self.key.weight, mixing))
+            q = F.linear(x, mix_rows(self.query.weight, P), None if bias is None else mix_rows(bias, P))
+            k = F.linear(x, mix_rows(self.key.weight, P))
         q = q.view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, self.heads, self.head_dim)
         v = self.value(x).view(B, T, self.heads, self.head_dim)
-        if rotary is not None:
-            q = rotary(q, offset=offset)
-            k = rotary(k, offset=offset)
+        if rotary is not None:  # P, if any, is already in the weights
+            q = rotary(q, offset=offset, mix=False)
+            k = rotary(k, offset=offset, mix=False)
         if cache is not None:
             if layer < len(cache.keys):
                 k = torch.cat([cache.keys[layer], k], dim=1)  # (B, S, H, D)
@@ -208,10 +233,10 @@ class CrossAttention(nn.Module):
     def __init__(self, dims: int, heads: int, xa_dims: int):
         super().__init__()
         self.heads, self.head_dim = heads, dims // heads
-        self.query = nn.Linear(dims, dims)
-        self.key = nn.Linear(xa_dims, dims, bias=False)
-        self.value = nn.Linear(xa_dims, dims)
-        self.out = nn.Linear(dims, dims)
+        self.query = Linear(dims, dims)
+        self.key = Linear(xa_dims, dims, bias=False)
+        self.value = Linear(xa_dims, dims)
+        self.out = Linear(dims, dims)
 
     def forward(self, x: Tensor, xa: Tensor, *, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         B, T, C = x.shape
@@ -231,12 +256,12 @@ class Block(nn.Module):
 
     def __init__(self, dims: int, heads: int, xa_dims: int | None):
         super().__init__()
-        self.attn_ln = nn.LayerNorm(dims)
+        self.attn_ln = LayerNorm(dims)
         self.attn = SelfAttention(dims, heads)
-        self.cross_attn_ln = nn.LayerNorm(dims) if xa_dims is not None else None
+        self.cross_attn_ln = LayerNorm(dims) if xa_dims is not None else None
         self.cross_attn = CrossAttention(dims, heads, xa_dims) if xa_dims is not None else None
-        self.mlp_ln = nn.LayerNorm(dims)
-        self.mlp = nn.Sequential(nn.Linear(dims, 4 * dims), nn.GELU(), nn.Linear(4 * dims, dims))
+        self.mlp_ln = LayerNorm(dims)
+        self.mlp = nn.Sequential(Linear(dims, 4 * dims), nn.GELU(), Linear(4 * dims, dims))
 
     def forward(
         self,
@@ -270,24 +295,21 @@ class Decoder(nn.Module):
             self.register_buffer("positional_embedding", sinusoids(c.ctx, c.dims), persistent=False)
         else:
             self.positional_embedding = None
-        attention = c.positional == "rotary-attention"
-        if c.positional in ("rotary-embedding", "rotary-attention"):
-            # One module shared by every layer (torchtune's rope, passed to each layer): one cos/sin table.
+        if c.positional == "rotary":
+            # One module shared by every layer (torchtune's rope, passed to each layer): one cos/sin table, one P.
             self.rotary = Rotary(
                 c.dims,
                 c.heads,
                 base=c.base,
-                mixing=None if attention else c.mixing,
+                mixing=c.mixing,
                 interleaved=c.interleaved,
                 rotary_dim=c.rotary_dim,
                 learned_freq=c.learned_freq,
             )
         else:
             self.rotary = None
-        # The attention placement's P, applied to the q/k weights (see the module docstring); shared by all layers.
-        self.mixing = make_mixing(c.mixing, c.head_dim, self.rotary.rope_pairs()) if attention else None
         self.blocks = nn.ModuleList(Block(c.dims, c.heads, c.xa_dims) for _ in range(c.layers))
-        self.ln = nn.LayerNorm(c.dims)
+        self.ln = LayerNorm(c.dims)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -325,12 +347,13 @@ class Decoder(nn.Module):
             if offset + T > c.ctx:
                 raise ValueError(f"positions up to {offset + T} exceed the {c.positional} table (ctx={c.ctx})")
             x = x + self.positional_embedding[offset : offset + T]
-        if c.positional == "rotary-embedding":
+        attention = c.positional == "rotary" and c.placement == "attention"
+        if c.positional == "rotary" and not attention:
             x = self.rotary(x, offset=offset)
         if xa is not None:
             x = x.to(xa.dtype)
-        rotary = self.rotary if c.positional == "rotary-attention" else None
-        P = self.mixing.matrix(x.dtype) if self.mixing is not None else None  # (D, D), built once per forward
+        rotary = self.rotary if attention else None
+        P = self.rotary.mixing_matrix(x.dtype) if attention else None  # (D, D), built once per forward
         for layer, block in enumerate(self.blocks):
             x = block(x, xa, offset=offset, rotary=rotary, mixing=P, cache=cache, layer=layer)
         if cache is not None:
@@ -345,9 +368,24 @@ class Decoder(nn.Module):
 
     def mixing_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The learned P ``(head_dim, head_dim)`` of either placement, or None (no rotary, or no mixing)."""
-        if self.mixing is not None:
-            return self.mixing.matrix(dtype)
         return self.rotary.mixing_matrix(dtype) if self.rotary is not None else None
+
+    def prepare_fold(self):
+        """:class:`rotary.fold.Foldable`: P into every block's query and key projections (attention placement);
+        the config's ``mixing`` becomes None, so that checkpoints rebuild the folded model."""
+        if self.rotary is None or self.rotary.mixing is None:
+            return None
+        if self.config.placement != "attention":
+            raise ValueError(
+                "the embedding placement cannot be folded: its P acts on the residual stream, which no weight "
+                "can absorb (see rotary.fold); nothing was changed"
+            )
+
+        def action():
+            fold_mixing(self.rotary.remove_mixing(), *(p for b in self.blocks for p in (b.attn.query, b.attn.key)))
+            self.config = dataclasses.replace(self.config, mixing=None)
+
+        return action
 
 
 def save(model: Decoder, path) -> None:
@@ -356,8 +394,20 @@ def save(model: Decoder, path) -> None:
 
 
 def load(path, *, device="cpu") -> Decoder:
-    """Rebuild a :class:`Decoder` from a :func:`save` checkpoint on ``device`` (strict state_dict load)."""
+    """Rebuild a :class:`Decoder` from a :func:`save` checkpoint on ``device`` (strict state_dict load).
+
+    Checkpoints from before ``placement`` was its own field (``positional="rotary-attention"``, P stored as
+    ``mixing.*``) are translated; anything else that does not match fails with the names that differ.
+    """
     checkpoint = torch.load(path, map_location=device, weights_only=True)
-    model = Decoder(DecoderConfig(**checkpoint["config"])).to(device)
-    model.load_state_dict(checkpoint["state_dict"])
+    config, state = dict(checkpoint["config"]), dict(checkpoint["state_dict"])
+    if config.get("positional") in _OLD_POSITIONAL:
+        config["placement"] = _OLD_POSITIONAL[config["positional"]]
+        config["positional"] = "rotary"
+        state = {("rotary." + k if k.startswith("mixing.") else k): v for k, v in state.items()}
+    unknown = sorted(set(config) - {f.name for f in dataclasses.fields(DecoderConfig)})
+    if unknown:
+        raise ValueError(f"{path}: not a rotary.decoder checkpoint this version can read (unknown fields {unknown})")
+    model = Decoder(DecoderConfig(**config)).to(device)
+    model.load_state_dict(state)
     return model

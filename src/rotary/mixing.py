@@ -2,7 +2,7 @@
 
 Every family here is exactly orthogonal for any parameter values and is the identity at initialisation, so a
 fresh :class:`rotary.Rotary` computes standard RoPE. P is rebuilt from its parameters on every call (a few
-hundred flops), never cached with its autograd graph: the request document built its matrices once and reused
+hundred flops), never cached with its autograd graph: the original module built its matrices once and reused
 them, which breaks the second backward pass.
 
 P is built in float32 at least, whatever ``module.to(bfloat16)`` did to the parameters: a bf16 rotation matrix
@@ -17,13 +17,11 @@ import random
 import torch
 from torch import Tensor, nn
 
+from .functional import compute_dtype
+
 __all__ = ["GivensMixing", "OrthogonalMixing", "QuaternionMixing", "default_planes", "make_mixing", "resolve_kind"]
 
 _PLANE_SEED = 0  # fixed: the planes are part of the model and also stored in its state_dict
-
-
-def _float(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _Mixing(nn.Module):
@@ -82,7 +80,7 @@ class GivensMixing(_Mixing):
 
     def coefficients(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """``(c, s, partner)``, each ``(head_dim,)``, with ``P x = c * x + s * x[..., partner]``."""
-        t = self.angles.to(_float(dtype))
+        t = self.angles.to(compute_dtype(dtype))
         i, j = self.planes[:, 0], self.planes[:, 1]
         cos, sin = torch.cos(t), torch.sin(t)
         ones = torch.ones(self.head_dim, dtype=t.dtype, device=t.device)
@@ -124,7 +122,7 @@ class QuaternionMixing(_Mixing):
             self.angle.zero_()
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        dt = _float(dtype)
+        dt = compute_dtype(dtype)
         u = self.axis.to(dt)
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dt).tiny)
         half = self.angle.to(dt).unsqueeze(-1) / 2
@@ -163,7 +161,7 @@ class OrthogonalMixing(_Mixing):
             self.generator.zero_()
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        A = self.generator.to(_float(dtype)).triu(1)
+        A = self.generator.to(compute_dtype(dtype)).triu(1)
         return torch.linalg.matrix_exp(A - A.T)
 
     def extra_repr(self) -> str:

@@ -16,6 +16,8 @@ from .scaling import Scaling
 __all__ = ["Rotary", "rotary"]
 
 _INITIAL_TABLE = 2048  # rows of the cos/sin table built at construction; it doubles on demand in eager mode
+_MAX_TABLE = 1 << 17  # the table never grows past this (8 MiB per 16 pairs); later positions are computed directly
+LAYOUTS = ("BTHD", "BHTD")  # 4-D layouts: (batch, seq, heads, head_dim) or (batch, heads, seq, head_dim)
 
 
 class Rotary(nn.Module):
@@ -164,6 +166,19 @@ class Rotary(nn.Module):
         """The dense P ``(head_dim, head_dim)``, or None without mixing."""
         return None if self.mixing is None else self.mixing.matrix(dtype)
 
+    def remove_mixing(self) -> Tensor | None:
+        """Drop P from this module and return it dense, float64 ``(head_dim, head_dim)`` (None without mixing).
+
+        For folding P into projection weights (:func:`rotary.fold.fold_mixing`): the module then computes plain
+        RoPE on whatever already carries P.
+        """
+        if self.mixing is None:
+            return None
+        with torch.no_grad():
+            P = self.mixing.matrix(torch.float64)
+        self.mixing, self.mixing_kind = None, None
+        return P
+
     # ----------------------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -172,26 +187,32 @@ class Rotary(nn.Module):
         offset: int | Tensor = 0,
         positions: Tensor | None = None,
         length: int | Tensor | None = None,
+        layout: str = "BTHD",
+        mix: bool = True,
     ) -> Tensor:
-        """Rotate x at positions ``offset + arange(T)`` (or ``positions``).
+        """Rotate x at positions ``offset + arange(T)`` (or ``positions``): ``R(m) P x``.
 
         Args:
-            x: ``(B, T, dims)`` or ``(B, T, heads, head_dim)``, floating point.
+            x: ``(B, T, dims)``, or 4-D in ``layout``: ``"BTHD"`` ``(B, T, H, D)`` or ``"BHTD"`` ``(B, H, T, D)``
+                (Hugging Face, SDPA), where H is ``heads`` or any divisor of it (grouped-query keys share P).
+                Floating point; any strides (a transposed view is read in place, not copied).
             offset: int, or ``(B,)`` integer tensor (per-row offsets, e.g. left-padded batches in a KV cache).
             positions: ``(T,)`` or ``(B, T)``, int or float; overrides offset.
             length: only for length-dependent scaling (dynamic, longrope): the sequence length L to evaluate the
                 frequencies at, int or ``()`` / ``(B,)`` integer tensor. Default: ``offset + T``, or
                 ``positions.max(-1) + 1`` (per row). Fix it (e.g. to the longest length you will decode) to
                 cache rotated keys; otherwise keep keys unrotated and use :meth:`rotate_qk`.
+            layout: how a 4-D x is laid out (ignored for 3-D x).
+            mix: False skips P, for inputs that already carry it (P applied to the projection weights).
 
         Returns:
             a tensor of x's shape and dtype.
         """
-        x4 = self._as_heads(x)
-        B, T = x4.shape[:2]
+        x4, time_dim = self._as_heads(x, layout, "x")
+        B, T = x4.shape[0], x4.shape[time_dim]
         cos, sin = self._cos_sin(B, T, offset, positions, x4.dtype, x4.device, length)
-        y = self._rotate(x4, cos.unsqueeze(-2), sin.unsqueeze(-2))  # (T | B,T, 1, r/2) against (B, T, H, D)
-        return y.view_as(x)
+        y = self._rotate(x4, cos, sin, time_dim, mix)
+        return y.reshape(x.shape) if x.dim() == 3 else y
 
     def rotate_qk(
         self,
@@ -201,64 +222,82 @@ class Rotary(nn.Module):
         offset: int | Tensor = 0,
         positions: Tensor | None = None,
         length: int | Tensor | None = None,
+        layout: str = "BHTD",
+        mix: bool = True,
     ) -> tuple[Tensor, Tensor]:
-        """Rotate attention queries and keys laid out ``(B, H, T, D)``.
+        """Rotate attention queries and keys, laid out ``(B, H, T, D)`` by default (``layout="BTHD"`` for the other).
 
         k may be longer than q (keys from a KV cache): keys sit at ``offset + arange(Tk)`` (or ``positions``,
-        ``(Tk,)`` or ``(B, Tk)``) and the queries at the last ``Tq`` of those positions. With length-dependent
-        scaling the length defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives
-        exactly what a full forward over the same tokens gives.
+        ``(Tk,)`` or ``(B, Tk)``) and the queries at the last ``Tq`` of those positions. k may have fewer heads
+        than q (grouped-query attention) when its head count divides q's. With length-dependent scaling the length
+        defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives exactly what a full
+        forward over the same tokens gives.
         """
-        for name, t in (("q", q), ("k", k)):
-            if t.dim() != 4 or t.shape[1] != self.heads or t.shape[3] != self.head_dim:
-                raise ValueError(
-                    f"{name} must have shape (batch, heads={self.heads}, seq, head_dim={self.head_dim}), "
-                    f"got {tuple(t.shape)}"
-                )
-        B, _, Tq, _ = q.shape
-        Tk = k.shape[2]
-        if k.shape[0] != B or Tk < Tq:
-            raise ValueError(f"k must have q's batch and at least q's length, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-        self._check_float(q)
-        self._check_float(k)
-        cos, sin = self._cos_sin(B, Tk, offset, positions, k.dtype, k.device, length)
-        cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (1 | B, 1, Tk, r/2) against (B, H, Tk, D)
-        k_rot = self._rotate(k, cos, sin)
-        q_rot = self._rotate(q, cos[..., Tk - Tq :, :], sin[..., Tk - Tq :, :])
+        q4, time_dim = self._as_heads(q, layout, "q", need_3d=False)
+        k4, _ = self._as_heads(k, layout, "k", need_3d=False)
+        B, Tq, Tk = q4.shape[0], q4.shape[time_dim], k4.shape[time_dim]
+        hq, hk = q4.shape[3 - time_dim], k4.shape[3 - time_dim]
+        if k4.shape[0] != B or Tk < Tq or hq % hk != 0:
+            raise ValueError(
+                f"k must have q's batch, at least q's length and a number of heads dividing q's ({layout}), "
+                f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+            )
+        cos, sin = self._cos_sin(B, Tk, offset, positions, k4.dtype, k4.device, length)
+        k_rot = self._rotate(k4, cos, sin, time_dim, mix)
+        q_rot = self._rotate(q4, cos[..., Tk - Tq :, :], sin[..., Tk - Tq :, :], time_dim, mix)
         return q_rot, k_rot
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        if isinstance(self.mixing, GivensMixing):
-            return rotate(x, cos, sin, interleaved=self.interleaved, givens=self.mixing.coefficients(x.dtype))
-        if self.mixing is not None:  # dense P: one small matmul in float32+, rounded once after RoPE
-            P = self.mixing.matrix(x.dtype)
+    def cos_sin(self, positions: Tensor, *, length: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """cos and sin of the angles at ``positions`` (any shape ``(...)``, int or float), float32 ``(..., r/2)``.
+
+        What this module rotates with (learned frequencies and scaling included), for hosts that apply the
+        rotation themselves. ``length``: as in :meth:`forward` (length-dependent scaling only).
+        """
+        if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_complex():
+            raise ValueError(f"positions must be an integer or float tensor, got {positions!r}")
+        length = self._check_length(positions.shape[0] if positions.dim() > 1 else 1, length)
+        if length is None and self._length_dependent:
+            length = positions.amax(dim=-1) + 1 if positions.numel() else None
+        return self._at(positions, torch.float32, length)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, time_dim: int, mix: bool) -> Tensor:
+        """``R P x`` for a 4-D x whose time axis is ``time_dim`` (1 or 2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``."""
+        if time_dim == 2 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+            # a (B, T, H, D) buffer seen as (B, H, T, D) (q_proj(x).view(...).transpose(1, 2)): rotate the buffer
+            return self._rotate(x.transpose(1, 2), cos, sin, 1, mix).transpose(1, 2)
+        if time_dim == 1:
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T | B,T, 1, r/2) against (B, T, H, D)
+        elif cos.dim() == 3:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, r/2) against (B, H, T, D)
+        mixing = self.mixing if mix else None
+        if isinstance(mixing, GivensMixing):
+            return rotate(x, cos, sin, interleaved=self.interleaved, givens=mixing.coefficients(x.dtype))
+        if mixing is not None:  # dense P: one small matmul in float32+, rounded once after RoPE
+            P = mixing.matrix(x.dtype)
             return rotate(x.to(P.dtype) @ P.T, cos, sin, interleaved=self.interleaved, out_dtype=x.dtype)
         return rotate(x, cos, sin, interleaved=self.interleaved)
 
     # ----------------------------------------------------------------------------------------- inputs
-    @staticmethod
-    def _check_float(x: Tensor) -> None:
-        if not x.is_floating_point():
-            raise ValueError(f"Rotary expects a floating-point tensor, got dtype {x.dtype}")
-
-    def _as_heads(self, x: Tensor) -> Tensor:
-        if x.dim() == 3:
+    def _as_heads(self, x: Tensor, layout: str, name: str, need_3d: bool = True) -> tuple[Tensor, int]:
+        """x as 4-D heads and the index of its time axis; validates shape, dtype and layout."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            raise ValueError(f"Rotary expects a floating-point tensor {name}, got {getattr(x, 'dtype', type(x))}")
+        if x.dim() == 3 and need_3d:
             if x.shape[-1] != self.dims:
-                raise ValueError(f"expected x of shape (batch, seq, dims={self.dims}), got {tuple(x.shape)}")
-            x4 = x.unflatten(-1, (self.heads, self.head_dim))  # (B, T, H, D)
-        elif x.dim() == 4:
-            if x.shape[2:] != (self.heads, self.head_dim):
-                raise ValueError(
-                    f"expected x of shape (batch, seq, heads={self.heads}, head_dim={self.head_dim}), "
-                    f"got {tuple(x.shape)}"
-                )
-            x4 = x
-        else:
+                raise ValueError(f"expected {name} of shape (batch, seq, dims={self.dims}), got {tuple(x.shape)}")
+            return x.unflatten(-1, (self.heads, self.head_dim)), 1  # (B, T, H, D)
+        time_dim = 1 if layout == "BTHD" else 2
+        heads = x.shape[3 - time_dim] if x.dim() == 4 else None
+        if x.dim() != 4 or x.shape[-1] != self.head_dim or self.heads % heads != 0:
+            ranks = "rank 3 (batch, seq, dims) or 4" if need_3d else "rank 4"
+            dims = "(batch, seq, heads, head_dim)" if layout == "BTHD" else "(batch, heads, seq, head_dim)"
             raise ValueError(
-                f"expected x of rank 3 (batch, seq, dims) or 4 (batch, seq, heads, head_dim), got shape {tuple(x.shape)}"
+                f"expected {name} of {ranks} {dims} with head_dim={self.head_dim} and heads={self.heads} or a "
+                f"divisor of it (layout={layout!r}), got shape {tuple(x.shape)}"
             )
-        self._check_float(x)
-        return x4
+        return x, time_dim
 
     def _cos_sin(
         self, B: int, T: int, offset, positions, dtype: torch.dtype, device, length=None
@@ -274,9 +313,9 @@ class Rotary(nn.Module):
                 raise ValueError(f"positions must be a tensor of shape ({T},) or ({B}, {T}), got {shape}")
             if positions.dtype == torch.bool or positions.is_complex():
                 raise ValueError(f"positions must be an integer or float tensor, got dtype {positions.dtype}")
-            if length is None and self._length_dependent:
+            if length is None and self._length_dependent and T > 0:
                 length = positions.amax(dim=-1) + 1  # () or (B,): transformers' max(position_ids) + 1, per row
-            return self._direct(positions, cdtype, length)
+            return self._at(positions, cdtype, length)
         if isinstance(offset, Tensor):
             if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
                 raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
@@ -286,7 +325,7 @@ class Rotary(nn.Module):
             pos = offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps
             if length is None and self._length_dependent:
                 length = offset + T
-            return self._direct(pos, cdtype, length)
+            return self._at(pos, cdtype, length)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
         if self._length_dependent:
@@ -298,13 +337,51 @@ class Rotary(nn.Module):
         if self.log_freq_scale is not None or cdtype == torch.float64:
             return self._direct(torch.arange(offset, offset + T, device=device), cdtype)
         if offset + T > self.cos_cached.shape[0]:
-            if torch.compiler.is_compiling():  # no buffer growth inside a graph: compute these rows directly
+            if torch.compiler.is_compiling() or not self._grow(offset + T):
+                # no buffer growth inside a graph, nor past the largest table: compute these rows directly
                 return self._direct(torch.arange(offset, offset + T, device=device), cdtype)
-            length = self.cos_cached.shape[0]
-            while length < offset + T:
-                length *= 2
-            self._build_tables(length, device=self.cos_cached.device)
         return self.cos_cached[offset : offset + T], self.sin_cached[offset : offset + T]
+
+    def _grow(self, rows: int) -> bool:
+        """Grow the table (doubling) to hold ``rows`` rows, if that stays within ``_MAX_TABLE``; eager only.
+
+        The one state change of forward: the table is a cache of constants, so results do not depend on it.
+        """
+        length = max(self.cos_cached.shape[0], 1)
+        while length < rows:
+            length *= 2
+        if length > _MAX_TABLE:
+            return False
+        self._build_tables(length, device=self.cos_cached.device)
+        return True
+
+    def _at(self, positions: Tensor, cdtype: torch.dtype, length: Tensor | None) -> tuple[Tensor, Tensor]:
+        """cos/sin at explicit positions ``(...)``: integer positions inside the table are gathered from it;
+        float positions, positions past it, and whatever the table cannot serve are computed directly."""
+        if (
+            positions.is_floating_point()
+            or self._length_dependent
+            or self.log_freq_scale is not None
+            or cdtype == torch.float64
+            or torch.compiler.is_compiling()
+            or positions.numel() == 0
+        ):
+            return self._direct(positions, cdtype, length)
+        positions = positions.to(self.cos_cached.device)
+        lo, hi = torch.aminmax(positions)
+        lo, hi = int(lo), int(hi)  # one host sync, the price of choosing gather or direct per call
+        if hi >= self.cos_cached.shape[0] and lo >= 0:
+            self._grow(hi + 1)
+        rows = self.cos_cached.shape[0]
+        if lo >= 0 and hi < rows:
+            return self.cos_cached[positions], self.sin_cached[positions]
+        inside = (positions >= 0) & (positions < rows)
+        index = torch.where(inside, positions, torch.zeros_like(positions))
+        cos, sin = self.cos_cached[index], self.sin_cached[index]
+        outside = ~inside
+        c, s = self._direct(positions[outside], cdtype)
+        cos[outside], sin[outside] = c, s
+        return cos, sin
 
     def _check_length(self, B: int, length) -> Tensor | None:
         if length is None:
@@ -337,4 +414,4 @@ class Rotary(nn.Module):
         )
 
 
-rotary = Rotary  # the request document's spelling: ``self.rotary = rotary(dims=dims, heads=heads)``
+rotary = Rotary  # the original module's spelling: ``self.rotary = rotary(dims=dims, heads=heads)``

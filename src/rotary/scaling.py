@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .frequencies import inverse_frequencies
+
 __all__ = ["Scaling", "SCALING_TYPES"]
 
 # rope_type -> (required keys, optional keys), besides rope_type/type, rope_theta, partial_rotary_factor and
@@ -237,7 +239,7 @@ class Scaling:
         L <= L0, i.e. the frequencies of the original context. Other schemes ignore it.
         """
         i = torch.arange(rotary_dim // 2, device=device, dtype=dtype)
-        w = torch.pow(torch.tensor(base, device=device, dtype=dtype), -2 * i / rotary_dim)  # (r/2,)
+        w = inverse_frequencies(rotary_dim, base, device=device, dtype=dtype)  # (r/2,)
         kind = self.rope_type
         if kind == "default":
             return w

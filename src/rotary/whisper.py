@@ -29,11 +29,37 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .fold import fold_mixing
 from .module import Rotary
 
-__all__ = ["PLACEMENTS", "attention_rotaries", "embedding_rotaries", "install", "installed_placement", "uninstall"]
+__all__ = ["PLACEMENTS", "WhisperRotary", "install", "installed_placement", "uninstall"]
 
 PLACEMENTS = ("attention", "embedding")
+
+
+class WhisperRotary(Rotary):
+    """The :class:`rotary.Rotary` that :func:`install` registers at ``model.decoder.rotary``.
+
+    A Rotary (same parameters, state_dict names and forward) that also knows where it was installed, so that
+    :func:`rotary.fold` can fold its P into the decoder's self-attention ``query``/``key`` projections
+    (:class:`rotary.fold.Foldable`).
+    """
+
+    def __init__(self, dims: int, heads: int, *, placement: str, **rotary_options):
+        super().__init__(dims, heads, **rotary_options)
+        self.placement = placement
+        self.attention_layers: list[nn.Module] = []  # plain references, not submodules: whisper owns them
+
+    def prepare_fold(self):
+        if self.mixing is None:
+            return None
+        if self.placement != "attention":
+            raise ValueError(
+                "the embedding placement cannot be folded: its P acts on the residual stream, which no weight "
+                "can absorb (see rotary.fold); nothing was changed"
+            )
+        layers = list(self.attention_layers)
+        return lambda: fold_mixing(self.remove_mixing(), *(p for a in layers for p in (a.query, a.key)))
 
 
 def _whisper_model():
@@ -102,7 +128,7 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
         placement: ``"attention"`` (q and k of every decoder self-attention; scores depend only on relative
             position) or ``"embedding"`` (once, on the embedded tokens: an absolute, multiplicative encoding).
         learned_positions: keep adding whisper's learned absolute table; default True for ``"embedding"`` (the
-            request document's form), False for ``"attention"`` (RoPE replaces the table).
+            original module's form), False for ``"attention"`` (RoPE replaces the table).
         rotary_options: keyword arguments of :class:`rotary.Rotary` (``mixing``, ``interleaved``, ``rotary_dim``,
             ``base``, ``learned_freq``).
 
@@ -122,12 +148,13 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
     if learned_positions is None:
         learned_positions = placement == "embedding"
     # Built in float32 on the decoder's device: Rotary computes in float32 whatever the activations' dtype.
-    rot = Rotary(model.dims.n_text_state, model.dims.n_text_head, **rotary_options)
+    rot = WhisperRotary(model.dims.n_text_state, model.dims.n_text_head, placement=placement, **rotary_options)
     decoder.rotary = rot.to(decoder.token_embedding.weight.device)
     decoder.forward = _TextDecoderForward(decoder, placement, bool(learned_positions))
     if placement == "attention":
         for block in decoder.blocks:
             block.attn.forward = _SelfAttentionForward(block.attn, decoder.rotary)
+            decoder.rotary.attention_layers.append(block.attn)
     return model
 
 
@@ -153,19 +180,3 @@ def installed_placement(model: nn.Module) -> str | None:
     decoder = getattr(model, "decoder", None)
     forward = decoder.__dict__.get("forward") if isinstance(decoder, nn.Module) else None
     return forward.placement if isinstance(forward, _TextDecoderForward) else None
-
-
-def attention_rotaries(module: nn.Module):
-    """``(attention, rotary)`` for every whisper self-attention in ``module`` that install() made rotate q and k."""
-    for m in module.modules():
-        forward = m.__dict__.get("forward")
-        if isinstance(forward, _SelfAttentionForward):
-            yield m, forward.rotary
-
-
-def embedding_rotaries(module: nn.Module):
-    """The rotaries that install() placed on the token embeddings of whisper decoders in ``module``."""
-    for m in module.modules():
-        forward = m.__dict__.get("forward")
-        if isinstance(forward, _TextDecoderForward) and forward.placement == "embedding":
-            yield m.rotary

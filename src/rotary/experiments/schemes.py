@@ -6,13 +6,13 @@ SCHEMES: dict[str, dict] = {
     "none": {"positional": "none"},
     "learned": {"positional": "learned"},
     "sinusoidal": {"positional": "sinusoidal"},
-    "rope": {"positional": "rotary-attention", "mixing": None},
-    "rope-freq": {"positional": "rotary-attention", "mixing": None, "learned_freq": True},
-    "givens": {"positional": "rotary-attention", "mixing": "givens"},
-    "givens-freq": {"positional": "rotary-attention", "mixing": "givens", "learned_freq": True},
-    "orthogonal": {"positional": "rotary-attention", "mixing": "orthogonal"},
-    "orthogonal-freq": {"positional": "rotary-attention", "mixing": "orthogonal", "learned_freq": True},
-    "embedding-givens": {"positional": "rotary-embedding", "mixing": "givens"},
+    "rope": {"positional": "rotary", "placement": "attention", "mixing": None},
+    "rope-freq": {"positional": "rotary", "placement": "attention", "mixing": None, "learned_freq": True},
+    "givens": {"positional": "rotary", "placement": "attention", "mixing": "givens"},
+    "givens-freq": {"positional": "rotary", "placement": "attention", "mixing": "givens", "learned_freq": True},
+    "orthogonal": {"positional": "rotary", "placement": "attention", "mixing": "orthogonal"},
+    "orthogonal-freq": {"positional": "rotary", "placement": "attention", "mixing": "orthogonal", "learned_freq": True},
+    "embedding-givens": {"positional": "rotary", "placement": "embedding", "mixing": "givens"},
 }
 
 DESCRIPTIONS = {
@@ -25,7 +25,7 @@ DESCRIPTIONS = {
     "givens-freq": "Givens mixing and learned frequencies",
     "orthogonal": "RoPE on q and k with a learned full orthogonal P",
     "orthogonal-freq": "full orthogonal P and learned frequencies",
-    "embedding-givens": "the request document's placement: Givens + RoPE on token embeddings",
+    "embedding-givens": "the original module's placement: Givens + RoPE on token embeddings",
 }
 
 
