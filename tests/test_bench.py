@@ -1,6 +1,9 @@
-"""`rotary bench` machinery: records, skipping missing anchors, JSON; and the seed baseline's documented defects."""
+"""`rotary bench` machinery: records, skipping missing anchors, JSON; the seed baseline's documented defects; the lab
+modules leave printing, argv and seeding to the CLI."""
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ TINY = [C.Shape("tiny", 2, 8, 2, 8, 3)]
 
 
 def test_records_and_json(tmp_path, monkeypatch):
-    def missing(shape, dtype, device):
+    def missing(shape, dtype, device, generator):
         raise ImportError("no module", name="not_a_real_package")
 
     monkeypatch.setitem(C.CONTENDERS, "missing anchor", missing)
@@ -59,6 +62,41 @@ def test_decoder_level_rows():
     assert [r["mode"] for r in rows] == list(bench.DECODER_MODES)
     for r in rows:
         assert r["train_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
-        rotary = r["mode"].startswith("rotary")
+        rotary = r["mode"] not in ("none", "learned", "sinusoidal")
         assert (0 < r["rotary_share_of_train_step"] < 1) if rotary else r["rotary_share_of_train_step"] == 0
     assert "rotary share" in bench.decoder_table(rows)
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield ast.unparse(node.func)
+
+
+LAB = sorted((Path(__file__).parents[1] / "src" / "rotary").glob("[be]*/*.py"))  # bench/, experiments/
+
+
+@pytest.mark.parametrize("path", LAB, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_lab_modules_do_not_print_parse_argv_or_seed(path):
+    """The CLI owns printing, argv and global seeds (issue 9): library code returns values or logs, and draws
+    random numbers from generators it is given."""
+    tree = ast.parse(path.read_text())
+    imports = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    imports |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert "argparse" not in imports
+    assert "sys.argv" not in path.read_text()
+    calls = set(_calls(tree))
+    assert "print" not in calls
+    seeding = {"torch.manual_seed", "torch.random.manual_seed", "torch.seed", "torch.cuda.manual_seed",
+               "torch.cuda.manual_seed_all", "random.seed", "np.random.seed", "torch.random.fork_rng"}
+    assert not calls & seeding, calls & seeding
+
+
+def test_inputs_come_from_the_seed_given():
+    """Same seed, same records' inputs; the global RNG is not seeded by the runner."""
+    torch.manual_seed(99)
+    a = C.CONTENDERS["Rotary givens"](TINY[0], torch.float32, torch.device("cpu"), torch.Generator().manual_seed(5))
+    b = C.CONTENDERS["Rotary givens"](TINY[0], torch.float32, torch.device("cpu"), torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))
+    bench.run(contenders=["Rotary givens"], repeats=1, dtypes=("float32",), shape_list=TINY, seed=3)
+    assert torch.initial_seed() == 99

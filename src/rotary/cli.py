@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import platform
 import sys
 import time
 
@@ -74,10 +76,42 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _machine(device: str) -> str:
+    return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads, device {device}")
+
+
+def _print_sections(sections: list[dict]) -> None:
+    """Print what ``rotary.bench.targets.measure`` / ``decoder_speed.measure`` return."""
+    from rotary.bench.timing import median, spread
+
+    for section in sections:
+        print(f"\n{section['title']}")
+        for note in section.get("notes", []):
+            print(f"  {note}")
+        for name, ts in section["times"].items():
+            print(f"  {name:40s} {median(ts) * 1e3:9.2f} ms  (IQR {spread(ts):.0%})")
+        for r in section["ratios"]:
+            verdict = "" if r.ok is None else f"target {r.target:10s} {'ok' if r.ok else 'MISSED'}"
+            print(f"{r.label:62s} {r.value:7.3f}  {verdict}")
+
+
 def _targets(args: argparse.Namespace) -> int:
     from rotary.bench import targets
 
-    targets.main(["--repeats", str(args.repeats)])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(_machine(device))
+    _print_sections(targets.measure(repeats=args.repeats, device=device, seed=args.seed))
+    return 0
+
+
+def _decoder_speed(args: argparse.Namespace) -> int:
+    from rotary.bench import decoder_speed as ds
+
+    print(_machine(args.device))
+    print(f"decoder: {ds.LAYERS} layers, {ds.DIMS} wide, {ds.HEADS} heads, vocab {args.vocab}; batch {ds.BATCH}, "
+          f"seq {ds.SEQ}, fp32")
+    _print_sections(ds.measure(repeats=args.repeats, vocab=args.vocab, device=args.device, seed=args.seed))
     return 0
 
 
@@ -99,12 +133,14 @@ def _bench(args: argparse.Namespace) -> int:
     env = bench.environment(args.device)
     print(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
     records = bench.run(quick=args.quick, dtypes=tuple(args.dtypes), contenders=args.contenders, device=args.device,
-                        compile=args.compile, repeats=args.repeats, progress=progress)
+                        compile=args.compile, repeats=args.repeats, progress=progress, seed=args.seed,
+                        log=lambda line: print(line, file=sys.stderr))
     print(bench.table(records))
     print("median ± interquartile range / median; 'x copy' = time of a same-size tensor copy (the memory floor)")
     decoder = None
     if not args.no_decoder:
-        decoder = bench.decoder_level(quick=args.quick, device=args.device, repeats=args.repeats, progress=progress)
+        decoder = bench.decoder_level(quick=args.quick, device=args.device, repeats=args.repeats, progress=progress,
+                                      seed=args.seed)
         print("\n" + bench.decoder_table(decoder))
     if args.json:
         bench.to_json(records, args.json, env, decoder)
@@ -139,6 +175,8 @@ def _compare(args: argparse.Namespace) -> int:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     rank = dist.get_rank() if world > 1 else 0
+    # the library reports unreadable checkpoints through logging: one line each, like the other messages
+    logging.basicConfig(format="rotary compare: %(message)s", level=logging.WARNING)
     base = QUICK if args.quick else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("steps", "batch", "length", "dims", "layers") if getattr(args, k)}
     cfg = TrainConfig(**{**base.__dict__, **overrides})
@@ -169,6 +207,11 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# what --quick takes, measured on 2 CPU cores (see the final report of issue 9)
+COMPARE_QUICK = "about 2 minutes on 2 CPU cores"
+BENCH_QUICK = "about 90 s on 2 CPU cores"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotary", description="Rotary position embeddings with learned rotations.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     bench = sub.add_parser("bench", help="speed and peak memory against other RoPE implementations")
-    bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats (under 90 s on 2 CPU cores)")
+    bench.add_argument("--quick", action="store_true", help=f"fewer shapes and repeats ({BENCH_QUICK})")
     bench.add_argument("--json", metavar="PATH", help="write machine-readable results")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -191,33 +234,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="torch.compile every contender's forward")
     bench.add_argument("--repeats", type=int, default=None)
     bench.add_argument("--no-decoder", action="store_true", help="skip the decoder-level tokens/s section")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
     bench.set_defaults(func=_bench)
     from rotary.experiments.data import TASKS
     from rotary.experiments.schemes import SCHEMES
 
-    cmp = sub.add_parser("compare", help="train small decoders with each positional scheme and compare them")
+    cmp = sub.add_parser(
+        "compare", help="train small decoders with each positional scheme and compare them",
+        description="Train small decoders with each positional scheme and compare them. The --out folder belongs "
+        "to one comparison: a start whose settings differ from those it holds is refused (use another --out, or "
+        "the same settings with --resume), as is a second process while one runs on it. A checkpoint that "
+        "cannot be read (truncated, corrupt) is reported by name and its run restarts from step 0.")
     cmp.add_argument("--schemes", nargs="+", default=list(SCHEMES), metavar="SCHEME",
                      help=f"default: all of {', '.join(SCHEMES)}")
     cmp.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     cmp.add_argument("--seeds", type=int, default=None, help="seeds per scheme (default 3; 1 with --quick)")
     cmp.add_argument("--data", default=None, help="a text file or folder for the text task (default: Python's stdlib)")
     cmp.add_argument("--out", default="runs/compare", help="output folder: report.md, results.json, PNGs")
-    cmp.add_argument("--resume", action="store_true", help="continue the runs in --out")
-    cmp.add_argument("--quick", action="store_true", help="tiny model, few steps (under 2 minutes)")
+    cmp.add_argument("--resume", action="store_true",
+                     help="continue the runs in --out (same settings as the start that made it)")
+    cmp.add_argument("--quick", action="store_true", help=f"tiny model, few steps ({COMPARE_QUICK})")
     cmp.add_argument("--device", default=None)
     for name in ("steps", "batch", "length", "dims", "layers"):
         cmp.add_argument(f"--{name}", type=int, default=None, help="override the budget")
     cmp.set_defaults(func=_compare)
     tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
     tg.add_argument("--repeats", type=int, default=15)
+    tg.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tg.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
     tg.set_defaults(func=_targets)
+    ds = sub.add_parser("decoder-speed", help="the decoder speed targets, measured in the reference decoder")
+    ds.add_argument("--repeats", type=int, default=9, help="timed repeats of each contender (median reported)")
+    ds.add_argument("--vocab", type=int, default=4096, help="vocabulary size of the benchmark model")
+    ds.add_argument("--device", default="cpu")
+    ds.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
+    ds.set_defaults(func=_decoder_speed)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers"):
+    for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers", "vocab"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name} must be positive")

@@ -1,8 +1,9 @@
 """The implementations ``rotary bench`` compares, each behind the same small interface.
 
 A contender builds, for one shape and dtype, a forward closure in its own natural layout and the tensors a
-backward pass differentiates. Anchors that are not installed raise ImportError (the runner skips them with one
-line); anything else that fails is reported as n/a with its error, never a crash.
+backward pass differentiates; its random inputs (and trained-looking parameters) come from the generator it is
+given, a ``torch.Generator`` on the benchmark's device. Anchors that are not installed raise ImportError (the
+runner skips them with one line); anything else that fails is reported as n/a with its error, never a crash.
 
 Shapes: B batch, T sequence, H heads, D head_dim; ``offset`` is the position of the first token.
 """
@@ -36,50 +37,53 @@ class Case:
     inputs: list[Tensor]  # what backward differentiates: the input and any trainable parameters
 
 
-def _x(shape: Shape, dtype, device, layout: str = "bthd") -> Tensor:
+def _x(shape: Shape, dtype, device, generator: torch.Generator, layout: str = "bthd") -> Tensor:
     B, T, H, D = shape.batch, shape.seq, shape.heads, shape.head_dim
     size = {"bthd": (B, T, H, D), "bhtd": (B, H, T, D), "btc": (B, T, H * D)}[layout]
-    return torch.randn(size, dtype=dtype, device=device, requires_grad=True)
+    return torch.randn(size, dtype=dtype, device=device, generator=generator, requires_grad=True)
 
 
-def copy_floor(shape, dtype, device) -> Case:
-    x = _x(shape, dtype, device)
+def copy_floor(shape, dtype, device, generator) -> Case:
+    x = _x(shape, dtype, device, generator)
     return Case(lambda: x.clone(), [x])
 
 
-def ours_apply_rotary(shape, dtype, device) -> Case:
-    from rotary import Rotary, apply_rotary
+def ours_apply_rotary(shape, dtype, device, generator) -> Case:
+    from rotary import apply_rotary
+    from rotary.frequencies import inverse_frequencies, rotary_angles
 
-    x = _x(shape, dtype, device)
-    table = Rotary(shape.heads * shape.head_dim, shape.heads, mixing=None).to(device)
-    cos, sin = table._cos_sin(shape.batch, shape.seq, shape.offset, None, dtype, device)
+    x = _x(shape, dtype, device, generator)
+    # the float32 (T, D/2) table a caller of apply_rotary keeps: built once, outside the timed region
+    positions = torch.arange(shape.offset, shape.offset + shape.seq, device=device)
+    angles = rotary_angles(positions, inverse_frequencies(shape.head_dim, 10000.0, device=device))
+    cos, sin = angles.cos().float(), angles.sin().float()
     return Case(lambda: apply_rotary(x, cos, sin), [x])
 
 
 def ours_module(mixing: str | None, interleaved: bool):
-    def build(shape, dtype, device) -> Case:
+    def build(shape, dtype, device, generator) -> Case:
         from rotary import Rotary
 
         m = Rotary(shape.heads * shape.head_dim, shape.heads, mixing=mixing, interleaved=interleaved).to(device)
         if m.mixing is not None:
             with torch.no_grad():  # a trained-looking P, not the identity
                 for p in m.parameters():
-                    p.normal_(std=0.1)
-        x = _x(shape, dtype, device)
+                    p.normal_(std=0.1, generator=generator)
+        x = _x(shape, dtype, device, generator)
         return Case(lambda: m(x, offset=shape.offset), [x, *m.parameters()])
 
     return build
 
 
-def rotary_embedding_torch(shape, dtype, device) -> Case:
+def rotary_embedding_torch(shape, dtype, device, generator) -> Case:
     from rotary_embedding_torch import RotaryEmbedding
 
     emb = RotaryEmbedding(dim=shape.head_dim).to(device)
-    x = _x(shape, dtype, device, "bhtd")  # its layout: (B, H, T, D), seq_dim=-2
+    x = _x(shape, dtype, device, generator, "bhtd")  # its layout: (B, H, T, D), seq_dim=-2
     return Case(lambda: emb.rotate_queries_or_keys(x, offset=shape.offset), [x])
 
 
-def hf_transformers(shape, dtype, device) -> Case:
+def hf_transformers(shape, dtype, device, generator) -> Case:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -89,7 +93,7 @@ def hf_transformers(shape, dtype, device) -> Case:
         max_position_embeddings=max(2048, shape.offset + shape.seq),
     )
     emb = LlamaRotaryEmbedding(config).to(device)
-    q = _x(shape, dtype, device, "bhtd")
+    q = _x(shape, dtype, device, generator, "bhtd")
     k = q.detach()[:, :1].clone()  # it always rotates q and k together: give it a one-head k (1/H extra work)
     position_ids = torch.arange(shape.offset, shape.offset + shape.seq, device=device).expand(shape.batch, -1)
 
@@ -100,22 +104,22 @@ def hf_transformers(shape, dtype, device) -> Case:
     return Case(forward, [q])
 
 
-def torchtune(shape, dtype, device) -> Case:
+def torchtune(shape, dtype, device, generator) -> Case:
     from torchtune.modules import RotaryPositionalEmbeddings
 
     emb = RotaryPositionalEmbeddings(dim=shape.head_dim, max_seq_len=shape.offset + shape.seq).to(device)
-    x = _x(shape, dtype, device)  # its layout: (B, T, H, D)
+    x = _x(shape, dtype, device, generator)  # its layout: (B, T, H, D)
     input_pos = torch.arange(shape.offset, shape.offset + shape.seq, device=device).expand(shape.batch, -1)
     return Case(lambda: emb(x, input_pos=input_pos), [x])
 
 
-def meta_complex(shape, dtype, device) -> Case:
+def meta_complex(shape, dtype, device, generator) -> Case:
     """Meta's llama reference: complex ``freqs_cis`` table, x viewed as complex, multiplied, viewed back."""
     D = shape.head_dim
     freqs = 1.0 / (10000.0 ** (torch.arange(0, D, 2, device=device)[: D // 2].float() / D))
     t = torch.arange(shape.offset + shape.seq, device=device, dtype=torch.float32)
     freqs_cis = torch.polar(torch.ones(len(t), D // 2, device=device), torch.outer(t, freqs))
-    x = _x(shape, dtype, device)
+    x = _x(shape, dtype, device, generator)
 
     def forward():
         xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
@@ -125,11 +129,11 @@ def meta_complex(shape, dtype, device) -> Case:
     return Case(forward, [x])
 
 
-def seed(shape, dtype, device) -> Case:
+def seed(shape, dtype, device, generator) -> Case:
     from rotary.bench.seed import SeedRotary
 
     m = SeedRotary(shape.heads * shape.head_dim, shape.heads).to(device)
-    x = _x(shape, dtype, device, "btc")
+    x = _x(shape, dtype, device, generator, "btc")
 
     def forward():
         m.rebuild()  # it cannot backward twice through its cached matrices

@@ -8,7 +8,9 @@ are reported, and every median also as a multiple of a same-size tensor copy.
 from __future__ import annotations
 
 import json
+import logging
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,6 +20,7 @@ from rotary.bench.memory import peak_bytes
 from rotary.bench.timing import median, spread, sync, time_interleaved
 
 FLOOR = "copy (floor)"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,7 +48,7 @@ def shapes(quick: bool) -> list[Shape]:
     ]
 
 
-def _runner(case: Case, pass_: str):
+def _runner(case: Case, pass_: str, generator: torch.Generator):
     if pass_ == "forward":
         def run():
             with torch.no_grad():
@@ -56,7 +59,7 @@ def _runner(case: Case, pass_: str):
     def run_fb():
         y = case.forward()
         if "g" not in grads:
-            grads["g"] = torch.randn_like(y)
+            grads["g"] = torch.randn(y.shape, dtype=y.dtype, device=y.device, generator=generator)
         torch.autograd.grad(y, case.inputs, grads["g"], allow_unused=True)
 
     return run_fb
@@ -72,9 +75,15 @@ def run(
     repeats: int | None = None,
     shape_list: list[Shape] | None = None,
     progress=None,
-    log=print,
+    log: Callable[[str], None] | None = None,
+    seed: int = 0,
 ) -> list[Record]:
-    """Run the benchmark; returns one Record per (contender, shape, dtype, pass)."""
+    """Run the benchmark; returns one Record per (contender, shape, dtype, pass).
+
+    Each contender's inputs come from a ``torch.Generator`` seeded with ``seed``; ``log`` receives one line per
+    contender skipped because its package is missing (default: a warning through ``logging``).
+    """
+    log = log or log_warning
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     names = contenders or list(CONTENDERS)
     if FLOOR not in names:
@@ -91,12 +100,12 @@ def run(
         for name in names:
             if name in skipped:
                 continue
-            torch.manual_seed(0)
+            generator = torch.Generator(dev).manual_seed(seed)  # every contender sees the same inputs
             try:
-                case = CONTENDERS[name](shape, dtype, dev)
+                case = CONTENDERS[name](shape, dtype, dev, generator)
                 if compile and name != FLOOR:
                     case = Case(torch.compile(case.forward), case.inputs)
-                fn = _runner(case, "forward" if name == FLOOR else pass_)  # the floor is one plain copy
+                fn = _runner(case, "forward" if name == FLOOR else pass_, generator)  # the floor: one plain copy
                 fn()  # fails here rather than inside the timed loop
                 cases[name] = fn
             except ImportError as e:
@@ -133,6 +142,10 @@ def run(
         if pooled and r.median_s is not None:
             r.ratio_to_copy = r.median_s / median(pooled)
     return records
+
+
+def log_warning(line: str) -> None:
+    log.warning("%s", line)
 
 
 def _once(fn, device) -> float:
@@ -241,33 +254,34 @@ def plot(records: list[Record], path: str) -> None:
     plt.close(fig)
 
 
-DECODER_MODES = {  # name -> (positional, mixing)
-    "none": ("none", None),
-    "learned": ("learned", None),
-    "sinusoidal": ("sinusoidal", None),
-    "rotary-attention, no mixing": ("rotary-attention", None),
-    "rotary-attention, givens": ("rotary-attention", "givens"),
-    "rotary-embedding, givens": ("rotary-embedding", "givens"),
+DECODER_MODES = {  # name -> DecoderConfig overrides
+    "none": {"positional": "none"},
+    "learned": {"positional": "learned"},
+    "sinusoidal": {"positional": "sinusoidal"},
+    "attention, no mixing": {"positional": "rotary", "placement": "attention", "mixing": None},
+    "attention, givens": {"positional": "rotary", "placement": "attention", "mixing": "givens"},
+    "embedding, givens": {"positional": "rotary", "placement": "embedding", "mixing": "givens"},
 }
 
 
 def decoder_level(*, quick: bool = False, device: str | None = None, repeats: int | None = None,
-                  progress=None) -> list[dict]:
+                  progress=None, seed: int = 0) -> list[dict]:
     """Tokens/s of a training step and of incremental decoding in the reference decoder for each positional
-    mode, and the rotary's share of the training step (its forward and backward work, timed on its own)."""
+    mode, and the rotary's share of the training step (its forward and backward work, timed on its own).
+    Tokens and inputs come from a ``torch.Generator`` seeded with ``seed``."""
     from rotary.bench import decoder_speed as ds
     from rotary.decoder import Decoder, DecoderConfig
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers, dims, heads, batch, seq, vocab = (2, 128, 4, 4, 128, 1024) if quick else (4, 256, 4, 8, 512, 4096)
     repeats = repeats or (3 if quick else 7)
-    torch.manual_seed(0)
-    tokens = torch.randint(0, vocab, (batch, seq + 1), device=dev)
+    generator = torch.Generator(dev).manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), device=dev, generator=generator)
     prompt, steps = tokens[:, :16], 64
     models = {
         name: Decoder(DecoderConfig(vocab=vocab, ctx=seq + 16 + steps, dims=dims, heads=heads, layers=layers,
-                                    positional=pos, mixing=mix)).to(dev)
-        for name, (pos, mix) in DECODER_MODES.items()
+                                    **overrides)).to(dev)
+        for name, overrides in DECODER_MODES.items()
     }
     bar = progress(total=3) if progress else None
     train = time_interleaved({n: ds.train_step(m, tokens) for n, m in models.items()}, device=dev, repeats=repeats,
@@ -280,10 +294,10 @@ def decoder_level(*, quick: bool = False, device: str | None = None, repeats: in
         bar.update(1)
     work = {}
     for name, m in models.items():
-        if m.config.positional == "rotary-embedding":
-            work[name] = ds.rotations(m.rotary, [(batch, seq, dims)], dev)
-        elif m.config.positional == "rotary-attention":
-            work[name] = ds.attention_rotary_work(m, batch, seq, dev)
+        if m.config.positional == "rotary" and m.config.placement == "embedding":
+            work[name] = ds.rotations(m.rotary, [(batch, seq, dims)], dev, generator)
+        elif m.config.positional == "rotary":
+            work[name] = ds.attention_rotary_work(m, batch, seq, dev, generator)
     rot = time_interleaved({n: f for n, f in work.items()}, device=dev, repeats=repeats, warmup=1)
     if bar:
         bar.update(1)

@@ -1,24 +1,20 @@
-"""The core issue's speed targets, measured side by side in one process.
+"""The core issue's speed targets, measured side by side in one process (``rotary targets`` prints them).
 
-    python -m rotary.bench.targets [--repeats N]
-
-Prints each ratio with its target. fp32 on whatever device is present (the targets are stated for a 2-core CPU).
+fp32 on the device given (the targets are stated for a 2-core CPU).
 """
 
 from __future__ import annotations
-
-import argparse
-import platform
 
 import torch
 
 from rotary import Rotary, apply_rotary
 from rotary.bench.seed import SeedRotary
-from rotary.bench.timing import median, spread, time_blocked, time_interleaved
+from rotary.bench.timing import Ratio, median, time_blocked, time_interleaved
+from rotary.frequencies import inverse_frequencies, rotary_angles
 
 
-def _fwd_bwd(fn, x, params):
-    g = torch.randn_like(x)
+def _fwd_bwd(fn, x, params, generator):
+    g = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
 
     def run():
         y = fn(x)
@@ -27,76 +23,73 @@ def _fwd_bwd(fn, x, params):
     return run
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {device}")
+def _ratio(times, label, a, b, target, le=True) -> Ratio:
+    r = median(times[a]) / median(times[b])
+    return Ratio(label, r, f"{'<=' if le else '>='} {target}", r <= target if le else r >= target)
+
+
+def measure(*, repeats: int = 15, device: str = "cpu", seed: int = 0) -> list[dict]:
+    """Each section as ``{"title", "times", "ratios", "notes"}``: times maps a contender to its repeats in
+    seconds, ratios is a list of :class:`rotary.bench.timing.Ratio`, notes lists what was skipped. Inputs and
+    trained-looking angles come from a ``torch.Generator`` seeded with ``seed``."""
+    device = torch.device(device)
+    gen = torch.Generator(device).manual_seed(seed)
+    sections = []
 
     B, T, H, D = 8, 2048, 12, 64
-    x = torch.randn(B, T, H, D, device=device)
+    x = torch.randn(B, T, H, D, device=device, generator=gen)
     plain = Rotary(H * D, H, mixing=None).to(device)
     givens = Rotary(H * D, H).to(device)
     with torch.no_grad():
-        givens.mixing.angles.normal_()
-    cos, sin = plain.cos_cached[:T], plain.sin_cached[:T]
+        givens.mixing.angles.normal_(generator=gen)
+    angles = rotary_angles(torch.arange(T, device=device), inverse_frequencies(D, 10000.0, device=device))
+    cos, sin = angles.cos().float(), angles.sin().float()
     xg = x.clone().requires_grad_()
     fns = {
         "clone": lambda: x.clone(),
         "apply_rotary fwd": lambda: apply_rotary(x, cos, sin),
-        "Rotary(None) fwd+bwd": _fwd_bwd(plain, xg, []),
-        "Rotary(givens) fwd+bwd": _fwd_bwd(givens, xg, list(givens.parameters())),
+        "Rotary(None) fwd+bwd": _fwd_bwd(plain, xg, [], gen),
+        "Rotary(givens) fwd+bwd": _fwd_bwd(givens, xg, list(givens.parameters()), gen),
     }
+    notes = []
     try:
         from rotary_embedding_torch import RotaryEmbedding
 
         ret = RotaryEmbedding(dim=D).to(device)
         xt = x.transpose(1, 2).contiguous().requires_grad_()  # its layout: (B, H, T, D)
-        fns["rotary-embedding-torch fwd+bwd"] = _fwd_bwd(ret.rotate_queries_or_keys, xt, [])
+        fns["rotary-embedding-torch fwd+bwd"] = _fwd_bwd(ret.rotate_queries_or_keys, xt, [], gen)
     except ImportError:
-        print("rotary-embedding-torch not installed: skipped (pip install 'rotary[bench]')")
-    res = time_interleaved(fns, device=device, repeats=args.repeats)
-    t = {k: median(v) for k, v in res.items()}
-    for name, v in t.items():
-        print(f"  {name:34s} {v * 1e3:9.2f} ms  (IQR {spread(res[name]):.0%})")
-
-    def ratio(label, a, b, target, le=True):
-        r = t[a] / t[b]
-        ok = r <= target if le else r >= target
-        print(f"{label:58s} {r:7.3f}  target {'<=' if le else '>='} {target:<5}  {'ok' if ok else 'MISSED'}")
-
-    print(f"\n(B, T, H, D) = {(B, T, H, D)}, fp32")
-    ratio("apply_rotary fwd / clone", "apply_rotary fwd", "clone", 1.2)
-    ratio("Rotary(None) fwd+bwd / clone", "Rotary(None) fwd+bwd", "clone", 3)
-    if "rotary-embedding-torch fwd+bwd" in t:
-        ratio("Rotary(None) fwd+bwd / rotary-embedding-torch fwd+bwd", "Rotary(None) fwd+bwd",
-              "rotary-embedding-torch fwd+bwd", 0.1)
-    ratio("Rotary(givens) fwd+bwd / Rotary(None) fwd+bwd", "Rotary(givens) fwd+bwd", "Rotary(None) fwd+bwd", 3)
+        notes.append("rotary-embedding-torch not installed: skipped (pip install 'rotary[bench]')")
+    res = time_interleaved(fns, device=device, repeats=repeats)
+    ratios = [
+        _ratio(res, "apply_rotary fwd / clone", "apply_rotary fwd", "clone", 1.2),
+        _ratio(res, "Rotary(None) fwd+bwd / clone", "Rotary(None) fwd+bwd", "clone", 3),
+    ]
+    if "rotary-embedding-torch fwd+bwd" in res:
+        ratios.append(_ratio(res, "Rotary(None) fwd+bwd / rotary-embedding-torch fwd+bwd", "Rotary(None) fwd+bwd",
+                             "rotary-embedding-torch fwd+bwd", 0.1))
+    ratios.append(_ratio(res, "Rotary(givens) fwd+bwd / Rotary(None) fwd+bwd", "Rotary(givens) fwd+bwd",
+                         "Rotary(None) fwd+bwd", 3))
+    sections.append({"title": f"(B, T, H, D) = {(B, T, H, D)}, fp32", "times": res, "ratios": ratios,
+                     "notes": notes})
 
     B, T, dims, H = 8, 512, 768, 12
-    x = torch.randn(B, T, dims, device=device, requires_grad=True)
+    x = torch.randn(B, T, dims, device=device, generator=gen, requires_grad=True)
     ours = Rotary(dims, H).to(device)
-    seed = SeedRotary(dims, H).to(device)
+    seed_module = SeedRotary(dims, H).to(device)
 
     def seed_step():
-        seed.rebuild()  # the document's module cannot run backward twice on its cached matrices
-        y = seed(x)
-        torch.autograd.grad(y, [x, seed.theta], torch.ones_like(y))
+        seed_module.rebuild()  # the document's module cannot run backward twice on its cached matrices
+        y = seed_module(x)
+        torch.autograd.grad(y, [x, seed_module.theta], torch.ones_like(y))
 
-    fns = {"seed fwd+bwd": seed_step, "Rotary(givens) fwd+bwd": _fwd_bwd(ours, x, list(ours.parameters()))}
-    reps = max(3, args.repeats // 3)
-    print(f"\n(B, T, dims, H) = {(B, T, dims, H)}, fp32")
+    fns = {"seed fwd+bwd": seed_step, "Rotary(givens) fwd+bwd": _fwd_bwd(ours, x, list(ours.parameters()), gen)}
+    reps = max(3, repeats // 3)
     for label, timer in (("round-robin", time_interleaved), ("each in its own block", time_blocked)):
         res = timer(fns, device=device, repeats=reps)
-        t = {k: median(v) for k, v in res.items()}
-        for name, v in t.items():
-            print(f"  {name:34s} {v * 1e3:9.2f} ms  (IQR {spread(res[name]):.0%})  [{label}]")
-        ratio(f"seed fwd+bwd / Rotary(givens) fwd+bwd, {label}", "seed fwd+bwd", "Rotary(givens) fwd+bwd", 50, le=False)
-
-
-if __name__ == "__main__":
-    main()
+        sections.append({
+            "title": f"(B, T, dims, H) = {(B, T, dims, H)}, fp32, {label}", "times": res, "notes": [],
+            "ratios": [_ratio(res, f"seed fwd+bwd / Rotary(givens) fwd+bwd, {label}", "seed fwd+bwd",
+                              "Rotary(givens) fwd+bwd", 50, le=False)],
+        })
+    return sections

@@ -2,7 +2,13 @@
 
 A run's state lives in ``out/checkpoints/<run>.pt`` (written atomically every ``checkpoint_every`` steps) until
 it finishes; then its results go to ``out/runs/<run>.json`` (atomically) and the checkpoint is removed. Batches
-are a function of (seed, step), so a resumed run trains on exactly the batches it would have seen.
+are a function of (seed, step) and initial weights a function of seed (drawn from a ``torch.Generator``; the
+global RNG is never seeded here), so a resumed run trains on exactly the batches it would have seen.
+
+A checkpoint records the run it belongs to and the comparison's settings, and both are checked when it is
+loaded: a checkpoint of another run or other settings stops the run with :class:`CompareError`. A checkpoint
+that cannot be read (truncated, corrupt) is reported through ``logging`` by name, and that run restarts from
+step 0 (its next checkpoint replaces the unreadable file).
 
 Data parallel: under ``torchrun`` every rank takes an equal slice of each global batch; gradients are averaged
 by DistributedDataParallel; rank 0 evaluates and writes.
@@ -11,6 +17,7 @@ by DistributedDataParallel; rank 0 evaluates and writes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -20,11 +27,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from rotary.decoder import Decoder, DecoderConfig
 from rotary.experiments.data import Task
 from rotary.experiments.schemes import EVAL_SCALINGS, SCALED_SCHEMES, SCHEMES, eval_scaling
 from rotary.module import Rotary
+
+log = logging.getLogger(__name__)
+
+
+class CompareError(ValueError):
+    """A bad combination of arguments, outputs or checkpoints; the message is one line for the CLI."""
 
 
 @dataclass
@@ -66,13 +80,37 @@ def run_name(task: str, scheme: str, seed: int) -> str:
     return f"{task}-{scheme}-seed{seed}"
 
 
-def build_model(task: Task, scheme: str, cfg: TrainConfig) -> Decoder:
+def build_model(task: Task, scheme: str, cfg: TrainConfig, generator: torch.Generator) -> Decoder:
+    """The run's decoder, its random weights drawn from ``generator`` (see :func:`init_weights`)."""
     longest = cfg.length * max(cfg.eval_factors)
     overrides = dict(SCHEMES[scheme])
     # the learned table only covers what training saw; sinusoids are a fixed function, so they cover evaluation too
     ctx = cfg.length if overrides["positional"] == "learned" else longest
-    return Decoder(DecoderConfig(vocab=task.vocab, ctx=ctx, dims=cfg.dims, heads=cfg.heads, layers=cfg.layers,
-                                 **overrides))
+    model = Decoder(DecoderConfig(vocab=task.vocab, ctx=ctx, dims=cfg.dims, heads=cfg.heads, layers=cfg.layers,
+                                  **overrides))
+    init_weights(model, generator)
+    return model
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, generator: torch.Generator) -> None:
+    """Redraw every randomly initialised parameter of a reference decoder from ``generator`` (a CPU generator;
+    the model must be on the CPU), with the distributions its constructors use: PyTorch's default for
+    ``nn.Linear`` (uniform in +-1/sqrt(fan_in), weight and bias), GPT-2's normals for the tables (std 0.02 for
+    token embeddings, 0.01 for a learned positional table). The other parameters start deterministic (LayerNorm
+    ones and zeros, mixing and frequency parameters at the identity) and are left alone. The run's seed alone
+    then decides its initial weights, without seeding the global RNG."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            bound = 1 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5)), nn.Linear's own default
+            nn.init.uniform_(module.weight, -bound, bound, generator=generator)
+            if module.bias is not None:
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02, generator=generator)
+    table = getattr(model, "positional_embedding", None)
+    if isinstance(table, nn.Parameter):
+        nn.init.normal_(table, std=0.01, generator=generator)
 
 
 def _lr(step: int, cfg: TrainConfig) -> float:
@@ -134,37 +172,66 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_json(obj, path: Path) -> None:
+def atomic_json(obj, path: Path) -> None:
+    """Write ``obj`` as JSON to ``path`` so that a reader (or a crash) never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0, 1 outside ``torchrun``)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *, device, on_step=None,
-              on_trained=None, interrupt_after: int | None = None) -> RunResult | None:
+def run_settings(cfg: TrainConfig) -> dict:
+    """The settings a run checks its checkpoint against when it is trained alone (not by ``run_comparison``)."""
+    return json.loads(json.dumps({"train": asdict(cfg)}))
+
+
+def _load_checkpoint(path: Path, name: str, settings: dict, device) -> dict | None:
+    """The checkpoint's state if it can continue run ``name`` under ``settings``; None if there is none or it is
+    unreadable (warned); CompareError if it belongs to another run or other settings."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        missing = {"run", "settings", "model", "optimizer", "step", "elapsed", "curve"} - set(state)
+        if missing:
+            raise ValueError(f"no {', '.join(sorted(missing))}")
+    except Exception as e:  # torch.load's failures on a bad file are of many types (zip, pickle, EOF, OS)
+        reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+        log.warning("checkpoint %s cannot be read (%s): run %s restarts from step 0", path, reason, name)
+        return None
+    if state["run"] != name or state["settings"] != settings:
+        what = f"run {state['run']}" if state["run"] != name else "a comparison with other settings"
+        raise CompareError(f"checkpoint {path} belongs to {what}: delete it, or choose another --out")
+    return state
+
+
+def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *, device, settings=None,
+              on_step=None, on_trained=None, interrupt_after: int | None = None) -> RunResult | None:
     """Train one run to ``cfg.steps`` (resuming from its checkpoint if present); None if interrupted.
 
-    on_step: called after each optimizer step (progress display). on_trained: called with the model on every
-    rank once training ends (the data-parallel test inspects parameters). interrupt_after: stop, as if killed, after this
-    many steps in this call (tests use it to exercise ``--resume``).
+    settings: the comparison's settings (JSON-like), recorded in the checkpoints and checked when one is loaded;
+    default :func:`run_settings`. on_step: called after each optimizer step (progress display). on_trained:
+    called with the model on every rank once training ends (the data-parallel test inspects parameters).
+    interrupt_after: stop, as if killed, after this many steps in this call (tests use it to exercise
+    ``--resume``).
     """
-    rank, world = _world()
+    rank, world = rank_and_world()
     if cfg.batch % world:
         raise ValueError(f"batch {cfg.batch} must be divisible by the number of processes {world}")
     name = run_name(task.name, scheme, seed)
     ckpt_path = out / "checkpoints" / f"{name}.pt"
-    torch.manual_seed(seed)
-    model = build_model(task, scheme, cfg).to(device)
+    settings = run_settings(cfg) if settings is None else settings
+    model = build_model(task, scheme, cfg, torch.Generator().manual_seed(seed)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     step, elapsed, curve = 0, 0.0, []
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+    state = _load_checkpoint(ckpt_path, name, settings, device)
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, elapsed, curve = state["step"], state["elapsed"], [tuple(p) for p in state["curve"]]
@@ -176,8 +243,8 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
     done_here = 0
 
     def save_checkpoint():
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                      "elapsed": elapsed, "curve": curve}, ckpt_path)
+        _atomic_save({"run": name, "settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "step": step, "elapsed": elapsed, "curve": curve}, ckpt_path)
 
     while step < cfg.steps:
         start = time.perf_counter()
@@ -220,7 +287,7 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
                                                               max(1, cfg.batch // factor), device)
         if scheme in SCALED_SCHEMES:
             result.scaled = evaluate_scaled(model, task, seed, cfg, device)
-        _atomic_json(asdict(result), out / "runs" / f"{name}.json")
+        atomic_json(asdict(result), out / "runs" / f"{name}.json")
         if ckpt_path.exists():
             ckpt_path.unlink()
     if world > 1:
