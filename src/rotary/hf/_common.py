@@ -1,0 +1,87 @@
+"""What every Hugging Face integration of rotary shares: the optional import, and the install record in the config.
+
+An install writes its options into the model's config under :data:`CONFIG_KEY` (``config.rotary``, a plain dict
+of JSON values). ``model.save_pretrained`` and Trainer checkpoints therefore carry them in ``config.json``, and
+:func:`rotary.hf.from_pretrained` reinstalls from them. Uninstalling, or folding everything away, deletes the
+record, so a stock model's config is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["CONFIG_KEY", "forget", "read_tensors", "record", "recorded", "require_transformers"]
+
+CONFIG_KEY = "rotary"
+
+
+def require_transformers() -> ModuleType:
+    """Import transformers, or fail with the extra that provides it."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            "rotary.hf needs Hugging Face transformers, which is an optional extra: pip install 'rotary[hf]'"
+        ) from error
+    return transformers
+
+
+def recorded(config) -> dict | None:
+    """The install options recorded in a transformers config (a copy), or None."""
+    options = getattr(config, CONFIG_KEY, None)
+    return None if options is None else dict(options)
+
+
+def record(config, options: dict) -> None:
+    """Record install options (JSON values only) in a transformers config."""
+    json.dumps(options)  # fail here, not in save_pretrained, on a value config.json cannot hold
+    setattr(config, CONFIG_KEY, dict(options))
+
+
+def forget(config) -> None:
+    """Delete the install record from a transformers config, if any."""
+    if CONFIG_KEY in config.__dict__:
+        delattr(config, CONFIG_KEY)
+
+
+def read_tensors(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, Tensor]:
+    """Tensors ``names`` from a ``save_pretrained`` folder (``model.safetensors``, sharded or not), on the CPU.
+
+    Names the checkpoint lacks are left out of the result (the caller reports them).
+    """
+    from safetensors import safe_open
+
+    directory = os.fspath(directory)
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    elif os.path.exists(os.path.join(directory, "model.safetensors")):
+        weight_map = None
+    else:
+        raise FileNotFoundError(f"{directory}: no model.safetensors (or its index) from save_pretrained")
+    wanted = list(names)
+    by_file: dict[str, list[str]] = {}
+    for name in wanted:
+        file = "model.safetensors" if weight_map is None else weight_map.get(name)
+        if file is not None:
+            by_file.setdefault(file, []).append(name)
+    tensors: dict[str, Tensor] = {}
+    for file, file_names in by_file.items():
+        with safe_open(os.path.join(directory, file), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            for name in file_names:
+                if name in present:
+                    tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def same_values(a: Tensor, b: Tensor) -> bool:
+    """Bit-for-bit equality of two tensors (dtype and shape included)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
