@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .directions import Directions, trig_gradient
 from .frequencies import angle_dtype, inverse_frequencies, rotary_angles
 from .functional import compute_dtype, rotate
 from .mixing import GivensMixing, make_mixing, resolve_kind
@@ -42,6 +43,16 @@ class Rotary(nn.Module):
             the rotated channels by it, as transformers multiplies cos and sin: ``x -> a R(m) P x`` on the first
             rotary_dim channels. Dynamic NTK and LongRoPE depend on the sequence length L, by default the last
             position plus one (``offset + T``; keys included in :meth:`rotate_qk`), or ``length=`` if given.
+        axes: number of position axes n (1, 2 or 3): positions are then ``(T, n)`` or ``(B, T, n)`` (e.g. (row,
+            column) of image patches, (t, h, w) of video), and pair i turns by ``<w_i, r>`` (see
+            :mod:`rotary.directions` and docs/nd.md). With n > 1 and no ``positions=``, token t sits at
+            ``offset + t`` on every axis (text tokens in M-RoPE). axes=1 is standard RoPE.
+        directions: the frequency vectors w_i: ``"axial"`` (pairs split among the axes, each axis all
+            frequencies), ``"sections"`` (``sections=[pairs per axis]`` of the 1-D frequencies: Qwen2-VL's M-RoPE
+            with ``interleaved=False, sections=[16, 24, 24]``), ``"oblique"`` (fixed directions spread evenly
+            over the circle/sphere) or ``"mixed"`` (learned per pair and head, RoPE-Mixed). With axes=1 the fixed
+            kinds are all standard RoPE.
+        sections: pairs per axis for ``directions="sections"``, summing to ``rotary_dim // 2``.
 
     The cos/sin table and the frequencies are kept in float32/float64 whatever ``module.to(dtype)`` does, and
     are rebuilt on the new device by ``to``/``to_empty``; they are not part of the state_dict.
@@ -58,6 +69,9 @@ class Rotary(nn.Module):
         rotary_dim: int | None = None,
         learned_freq: bool = False,
         scaling: dict | None = None,
+        axes: int = 1,
+        directions: str = "axial",
+        sections: list[int] | None = None,
     ):
         super().__init__()
         for name, value in (("dims", dims), ("heads", heads)):
@@ -98,6 +112,14 @@ class Rotary(nn.Module):
         self.log_freq_scale = nn.Parameter(torch.zeros(rotary_dim // 2)) if learned_freq else None
         self.scaling = parsed
         self.attention_factor = 1.0 if parsed is None else parsed.attention_factor
+        self.axes, self.direction_kind = axes, directions
+        nd = Directions(directions, axes, rotary_dim, heads, self.base, sections)  # validates all three
+        # fixed directions on one axis are standard RoPE: those modules keep the 1-D path, unchanged
+        self.directions = nd if axes > 1 or directions == "mixed" else None
+        if self.directions is not None and parsed is not None:
+            raise ValueError("scaling= is for 1-D positions; N-D directions take none")
+        if directions == "mixed" and learned_freq:
+            raise ValueError('directions="mixed" learns the frequency vectors already; drop learned_freq')
         self.register_buffer("cos_cached", torch.empty(0, rotary_dim // 2), persistent=False)
         self.register_buffer("sin_cached", torch.empty(0, rotary_dim // 2), persistent=False)
         # Length-dependent schemes compute cos/sin per call from the length, so they keep no table.
@@ -118,6 +140,8 @@ class Rotary(nn.Module):
         if self.log_freq_scale is not None:
             with torch.no_grad():
                 self.log_freq_scale.zero_()
+        if self.directions is not None:
+            self.directions.reset_parameters()
 
     @property
     def _length_dependent(self) -> bool:
@@ -142,6 +166,8 @@ class Rotary(nn.Module):
         return self
 
     def _base_freqs(self, device, length: Tensor | None = None) -> Tensor:
+        if self.directions is not None:  # N-D: the magnitude of each w_i (its only axis' frequency if separable)
+            return self.directions.magnitudes.to(device=device, dtype=angle_dtype(device))
         if self.scaling is not None:
             return self.scaling.frequencies(
                 self.rotary_dim, self.base, length, device=device, dtype=angle_dtype(device)
@@ -153,7 +179,12 @@ class Rotary(nn.Module):
 
         length: the sequence length at which length-dependent scaling (dynamic, longrope) is evaluated, an int,
         ``()`` or ``(B,)`` tensor (then the result is ``(B, rotary_dim // 2)``); None: the original context's.
+
+        N-D (``axes > 1`` or ``directions="mixed"``): the frequency vectors w_i, ``(rotary_dim // 2, axes)``, or
+        ``(heads, rotary_dim // 2, axes)`` for "mixed"; pair i turns by ``<w_i, r>``.
         """
+        if self.directions is not None:
+            return self.directions.vectors(self._freq_scale())
         device = self.cos_cached.device
         if length is not None and not isinstance(length, Tensor):
             length = torch.tensor(length, device=device)
@@ -161,6 +192,9 @@ class Rotary(nn.Module):
         if self.log_freq_scale is not None:
             freqs = freqs * torch.exp(self.log_freq_scale.to(freqs.dtype))
         return freqs
+
+    def _freq_scale(self) -> Tensor | None:
+        return None if self.log_freq_scale is None else torch.exp(self.log_freq_scale.to(angle_dtype(self.cos_cached.device)))
 
     def mixing_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The dense P ``(head_dim, head_dim)``, or None without mixing."""
@@ -244,7 +278,8 @@ class Rotary(nn.Module):
             )
         cos, sin = self._cos_sin(B, Tk, offset, positions, k4.dtype, k4.device, length)
         k_rot = self._rotate(k4, cos, sin, time_dim, mix)
-        q_rot = self._rotate(q4, cos[..., Tk - Tq :, :], sin[..., Tk - Tq :, :], time_dim, mix)
+        last = (..., slice(Tk - Tq, None), slice(None)) + ((slice(None),) if self._per_head else ())  # the last Tq
+        q_rot = self._rotate(q4, cos[last], sin[last], time_dim, mix)
         return q_rot, k_rot
 
     def cos_sin(self, positions: Tensor, *, length: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -252,20 +287,41 @@ class Rotary(nn.Module):
 
         What this module rotates with (learned frequencies and scaling included), for hosts that apply the
         rotation themselves. ``length``: as in :meth:`forward` (length-dependent scaling only).
+
+        N-D (``axes > 1`` or ``directions="mixed"``): positions ``(..., axes)``; the result is ``(..., r/2)``, or
+        ``(..., heads, r/2)`` for "mixed".
         """
         if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_complex():
             raise ValueError(f"positions must be an integer or float tensor, got {positions!r}")
+        if self.directions is not None:
+            if positions.dim() == 0 or positions.shape[-1] != self.axes:
+                raise ValueError(f"positions must have a trailing axis dimension of {self.axes} (Rotary(axes="
+                                 f"{self.axes})), got shape {tuple(positions.shape)}")
+            return self._at_nd(positions, torch.float32)
         length = self._check_length(positions.shape[0] if positions.dim() > 1 else 1, length)
         if length is None and self._length_dependent:
             length = positions.amax(dim=-1) + 1 if positions.numel() else None
         return self._at(positions, torch.float32, length)
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, time_dim: int, mix: bool) -> Tensor:
-        """``R P x`` for a 4-D x whose time axis is ``time_dim`` (1 or 2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``."""
+        """``R P x`` for a 4-D x whose time axis is ``time_dim`` (1 or 2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``,
+        or ``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head directions."""
+        if self._per_head and (cos.requires_grad or sin.requires_grad) and not torch.compiler.is_compiling():
+            # learned directions, eager: the fast kernel on detached cos/sin, their gradient taken from its output
+            y = self._rotate(x, cos.detach(), sin.detach(), time_dim, mix)
+            if time_dim == 2:
+                cos, sin = cos.transpose(-2, -3), sin.transpose(-2, -3)  # (.., H, T, r/2) against (B, H, T, D)
+            return trig_gradient(y, cos, sin, interleaved=self.interleaved)
         if time_dim == 2 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
             # a (B, T, H, D) buffer seen as (B, H, T, D) (q_proj(x).view(...).transpose(1, 2)): rotate the buffer
             return self._rotate(x.transpose(1, 2), cos, sin, 1, mix).transpose(1, 2)
-        if time_dim == 1:
+        if self._per_head:
+            if x.shape[3 - time_dim] != self.heads:
+                raise ValueError(f'directions="mixed" turns each head its own way: x needs all {self.heads} heads, '
+                                 f"got {x.shape[3 - time_dim]} (grouped-query keys cannot share them)")
+            if time_dim == 2:
+                cos, sin = cos.transpose(-2, -3), sin.transpose(-2, -3)  # (.., H, T, r/2) against (B, H, T, D)
+        elif time_dim == 1:
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T | B,T, 1, r/2) against (B, T, H, D)
         elif cos.dim() == 3:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, r/2) against (B, H, T, D)
@@ -304,13 +360,21 @@ class Rotary(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """cos/sin ``(T, r/2)`` or ``(B, T, r/2)`` in the compute dtype of x."""
         cdtype = compute_dtype(dtype)
+        if self.directions is not None:
+            return self._cos_sin_nd(B, T, offset, positions, cdtype, device, length)
         length = self._check_length(B, length)
+        if (
+            isinstance(positions, Tensor) and positions.dim() in (2, 3) and positions.shape[-1] == 1
+            and positions.shape[:-1] in ((T,), (B, T)) and positions.shape != (B, T)
+        ):
+            positions = positions.squeeze(-1)  # (T, 1) or (B, T, 1): one axis, given with its axis dimension
         if positions is not None:
             if not isinstance(positions, Tensor) or not (
                 (positions.dim() == 1 and positions.shape[0] == T) or (positions.dim() == 2 and positions.shape == (B, T))
             ):
                 shape = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
-                raise ValueError(f"positions must be a tensor of shape ({T},) or ({B}, {T}), got {shape}")
+                raise ValueError(f"positions must be a tensor of shape ({T},) or ({B}, {T}) (or ({T}, 1), ({B}, {T}, 1)), "
+                                 f"got {shape}")
             if positions.dtype == torch.bool or positions.is_complex():
                 raise ValueError(f"positions must be an integer or float tensor, got dtype {positions.dtype}")
             if length is None and self._length_dependent and T > 0:
@@ -405,12 +469,81 @@ class Rotary(nn.Module):
             angles = rotary_angles(positions, freqs)
         return self._scaled_cos_sin(angles, cdtype)
 
+    # ----------------------------------------------------------------------------------------- N-D positions
+    @property
+    def _per_head(self) -> bool:
+        return self.directions is not None and self.directions.per_head
+
+    def _cos_sin_nd(self, B: int, T: int, offset, positions, cdtype: torch.dtype, device, length) -> tuple[Tensor, Tensor]:
+        """N-D cos/sin ``(T, r/2)`` or ``(B, T, r/2)`` (``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head directions)."""
+        n = self.axes
+        if length is not None:
+            raise ValueError("length= is for length-dependent scaling, which N-D directions do not take")
+        if positions is None:  # every axis at offset + t: text tokens in M-RoPE
+            if isinstance(offset, Tensor):
+                if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
+                    raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
+                if offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
+                    raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
+                steps = torch.arange(T, device=offset.device)
+                pos = offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps  # (B, T) or (T,)
+            elif isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+                raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+            else:
+                pos = torch.arange(offset, offset + T, device=device)
+            return self._at_nd(pos.unsqueeze(-1).expand(*pos.shape, n), cdtype)
+        if not isinstance(positions, Tensor):
+            raise ValueError(f"positions must be a tensor of shape ({T}, {n}) or ({B}, {T}, {n}), got "
+                             f"{type(positions).__name__}")
+        if n == 1 and positions.shape in ((T,), (B, T)):
+            positions = positions.unsqueeze(-1)  # one axis given without its axis dimension
+        if positions.shape not in ((T, n), (B, T, n)):
+            hint = ""
+            if positions.dim() in (2, 3) and positions.shape[:-1] in ((T,), (B, T)):
+                hint = f": {positions.shape[-1]} axes given, the module has axes={n}"
+            raise ValueError(f"positions must be a tensor of shape ({T}, {n}) or ({B}, {T}, {n}), got "
+                             f"{tuple(positions.shape)}{hint}")
+        if positions.dtype == torch.bool or positions.is_complex():
+            raise ValueError(f"positions must be an integer or float tensor, got dtype {positions.dtype}")
+        return self._at_nd(positions, cdtype)
+
+    def _at_nd(self, positions: Tensor, cdtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos/sin of ``<w_i, r>`` at positions ``(..., n)``. Separable directions (axial, sections) at integer
+        positions gather each pair's column of the table at its own axis' coordinate (one index_select, one gather
+        each for cos and sin: no trigonometry per call); everything else is computed directly, angles in float64."""
+        d = self.directions
+        positions = positions.to(self.cos_cached.device)
+        if (
+            d.separable
+            and not positions.is_floating_point()
+            and self.log_freq_scale is None
+            and cdtype == torch.float32
+            and not torch.compiler.is_compiling()
+            and positions.numel() > 0
+        ):
+            index = positions.index_select(-1, d.pair_axis)  # (..., r/2): each pair's own coordinate
+            lo, hi = torch.aminmax(index)
+            lo, hi = int(lo), int(hi)  # one host sync, as in the 1-D path
+            if lo >= 0 and hi >= self.cos_cached.shape[0]:
+                self._grow(hi + 1)
+            if lo >= 0 and hi < self.cos_cached.shape[0]:
+                flat = index.reshape(-1, index.shape[-1])  # (N, r/2)
+                cos, sin = self.cos_cached.gather(0, flat), self.sin_cached.gather(0, flat)
+                return cos.view(index.shape), sin.view(index.shape)
+        return self._scaled_cos_sin(d.angles(positions, self._freq_scale()), cdtype)
+
     def extra_repr(self) -> str:
+        nd = "" if self.axes == 1 and self.direction_kind == "axial" else (
+            f", axes={self.axes}, directions={self.direction_kind!r}"
+            + (f", sections={self.directions.counts if self.directions is not None else [self.rotary_dim // 2]}"
+               if self.direction_kind == "sections" else "")
+        )
         return (
             f"dims={self.dims}, heads={self.heads}, head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, "
             f"base={self.base:g}, mixing={self.mixing_kind!r}, interleaved={self.interleaved}, "
             f"learned_freq={self.log_freq_scale is not None}"
             + ("" if self.scaling is None else f", scaling={self.scaling.rope_type!r}")
+            + nd
         )
 
 

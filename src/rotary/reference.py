@@ -16,10 +16,12 @@ from torch import Tensor
 
 __all__ = [
     "apply_rotary_reference",
+    "direction_vectors_reference",
     "givens_matrix_reference",
     "orthogonal_matrix_reference",
     "quaternion_matrix_reference",
     "rope_matrices_reference",
+    "rotary_nd_reference",
     "rotary_reference",
 ]
 
@@ -79,6 +81,73 @@ def rotary_reference(
     if mixing is not None:
         xd = torch.einsum("de,bthe->bthd", mixing.double(), xd)
     return apply_rotary_reference(xd, angles.cos(), angles.sin(), interleaved=interleaved)
+
+
+def direction_vectors_reference(
+    kind: str, axes: int, rotary_dim: int, *, base: float = 10000.0, sections: list[int] | None = None
+) -> Tensor:
+    """The fixed frequency vectors ``w_i`` ``(r/2, n)`` float64 of :mod:`rotary.directions`, from their definitions
+    with Python floats: pair blocks per axis (axial: as even as possible, earlier axes longer; sections: as given),
+    axial magnitudes ``base ** (-2j / (2 * block))``, sections' the 1-D ``base ** (-2i / r)``; oblique: axial's
+    magnitudes along unit vector number ``j * n + a`` (block a, index j in it) of the sequence
+    ``(cos, sin)(pi * frac(k / phi))`` (n = 2) or the half-sphere Fibonacci lattice of r/2 points (n = 3)."""
+    pairs = rotary_dim // 2
+    if kind == "sections":
+        blocks = list(sections)
+    else:
+        blocks = [pairs // axes + (1 if a < pairs % axes else 0) for a in range(axes)]
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    rows, i = [], 0
+    for a, size in enumerate(blocks):
+        for j in range(size):
+            if kind == "sections":
+                magnitude = base ** (-2 * i / rotary_dim)
+            else:
+                magnitude = base ** (-2 * j / (2 * size))
+            if kind == "oblique" and axes > 1:
+                k = j * axes + a
+                if axes == 2:
+                    t = math.pi * ((k * golden) % 1.0)
+                    unit = [math.cos(t), math.sin(t)]
+                else:
+                    z = 1.0 - (k + 0.5) / pairs
+                    t = 2.0 * math.pi * ((k * golden) % 1.0)
+                    unit = [z, math.sqrt(1 - z * z) * math.cos(t), math.sqrt(1 - z * z) * math.sin(t)]
+            else:
+                unit = [1.0 if b == a else 0.0 for b in range(axes)]
+            rows.append([magnitude * u for u in unit])
+            i += 1
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def rotary_nd_reference(
+    x: Tensor,
+    positions: Tensor,
+    vectors: Tensor,
+    *,
+    interleaved: bool = True,
+    mixing: Tensor | None = None,
+) -> Tensor:
+    """``R(r) P x`` in float64 for N-D positions: pair i of head h turns by ``sum_a r_a w[h, i, a]``.
+
+    x ``(B, T, H, D)``; positions ``(T, n)`` or ``(B, T, n)``; vectors ``(r/2, n)`` (all heads alike) or
+    ``(H, r/2, n)``; mixing: the dense ``(D, D)`` P. Angles are summed axis by axis, one float64 product each.
+    """
+    B, T, H, D = x.shape
+    pos = positions.double().to(x.device)
+    if pos.dim() == 2:
+        pos = pos.unsqueeze(0).expand(B, -1, -1)
+    w = vectors.double().to(x.device)
+    if w.dim() == 2:
+        w = w.unsqueeze(0).expand(H, -1, -1)
+    angles = torch.zeros(B, T, H, w.shape[1], dtype=torch.float64, device=x.device)
+    for a in range(w.shape[-1]):
+        angles = angles + pos[:, :, None, None, a] * w[None, None, :, :, a]
+    R = rope_matrices_reference(angles.cos(), angles.sin(), D, interleaved=interleaved)  # (B, T, H, D, D)
+    xd = x.double()
+    if mixing is not None:
+        xd = torch.einsum("de,bthe->bthd", mixing.double(), xd)
+    return torch.einsum("bthde,bthe->bthd", R, xd)
 
 
 def givens_matrix_reference(planes: Tensor, angles: Tensor, head_dim: int) -> Tensor:
