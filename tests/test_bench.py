@@ -22,16 +22,16 @@ def test_records_and_json(tmp_path, monkeypatch):
 
     monkeypatch.setitem(C.CONTENDERS, "missing anchor", missing)
     logs = []
-    records = bench.run(contenders=["Rotary givens", "request document (seed)", "missing anchor"], repeats=3,
+    records = bench.run(contenders=["Rotary givens", "original module (seed)", "missing anchor"], repeats=3,
                         dtypes=("float32", "bfloat16"), shape_list=TINY, log=logs.append)
     assert any("skipped missing anchor" in line for line in logs)
     names = {r.contender for r in records}
-    assert names == {"copy (floor)", "Rotary givens", "request document (seed)"}
+    assert names == {"copy (floor)", "Rotary givens", "original module (seed)"}
     ok = [r for r in records if r.contender == "Rotary givens"]
     assert len(ok) == 4 and all(r.median_s > 0 and r.ratio_to_copy > 0 for r in ok)
     assert all(r.peak_bytes > 0 for r in ok if r.pass_ == "forward+backward")
     # the seed's matrices are float32 whatever the input: bf16 is reported as n/a, not a crash
-    seed_bf16 = [r for r in records if r.contender.startswith("request") and r.dtype == "bfloat16"]
+    seed_bf16 = [r for r in records if r.contender.startswith("original module") and r.dtype == "bfloat16"]
     assert all(r.error for r in seed_bf16)
     path = tmp_path / "bench.json"
     bench.to_json(records, str(path), bench.environment())
@@ -48,7 +48,7 @@ def test_cli_rejects_unknown_contender(capsys):
 
 
 def test_seed_defects_are_real():
-    """What the request document's module gets wrong, so that the baseline stays faithful."""
+    """What the original module gets wrong, so that the baseline stays faithful."""
     torch.manual_seed(0)
     m = SeedRotary(dims=64, heads=4)
     x = torch.randn(2, 5, 64, requires_grad=True)

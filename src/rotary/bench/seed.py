@@ -1,4 +1,4 @@
-"""A faithful re-implementation of the request document's ``rotary`` module: the "seed" baseline.
+"""A faithful re-implementation of the original Whisper rotary module (docs/origin.md): the "seed" baseline.
 
 Benchmark code only, never imported by the library. Its defects are kept on purpose, because they are what is
 being measured against: the Givens planes come from the global RNG and may repeat an index (i == j, then the

@@ -79,7 +79,7 @@ def measure(*, repeats: int = 15, device: str = "cpu", seed: int = 0) -> list[di
     seed_module = SeedRotary(dims, H).to(device)
 
     def seed_step():
-        seed_module.rebuild()  # the document's module cannot run backward twice on its cached matrices
+        seed_module.rebuild()  # the original module cannot run backward twice on its cached matrices
         y = seed_module(x)
         torch.autograd.grad(y, [x, seed_module.theta], torch.ones_like(y))
 

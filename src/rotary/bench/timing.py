@@ -48,8 +48,8 @@ def time_blocked(
 ) -> dict[str, list[float]]:
     """Seconds per call, each fn warmed up and timed in its own block.
 
-    For pairs where one contender's memory churn changes the allocator state the next one finds (the request
-    document's module frees hundreds of MB per step, which glibc hands back to the OS, so whatever runs next
+    For pairs where one contender's memory churn changes the allocator state the next one finds (the original
+    module frees hundreds of MB per step, which glibc hands back to the OS, so whatever runs next
     faults it back in), round-robin timing measures that interaction rather than the contenders.
     """
     times: dict[str, list[float]] = {}
