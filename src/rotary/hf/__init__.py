@@ -76,8 +76,9 @@ def from_pretrained(model_class, path: str | os.PathLike, **kwargs) -> nn.Module
             f"{path}: its config records no rotary install (a stock or folded checkpoint): load it with "
             f"{getattr(model_class, '__name__', model_class)}.from_pretrained"
         )
-    if expected is not None and dict(expected) != options:
-        raise ValueError(f"{path}: rotary configuration mismatch: expected {dict(expected)}, found {options}")
+    if expected is not None and dict(sorted(dict(expected).items())) != options:
+        expected = dict(sorted(dict(expected).items()))
+        raise ValueError(f"{path}: rotary configuration mismatch: expected {expected}, found {options}")
     forget(config)  # the stock load below must see a stock config; install records the options again
     model, info = model_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     before = set(model.state_dict())

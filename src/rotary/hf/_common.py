@@ -13,7 +13,6 @@ import os
 from collections.abc import Iterable
 from types import ModuleType
 
-import torch
 from torch import Tensor
 
 __all__ = ["CONFIG_KEY", "forget", "read_tensors", "record", "recorded", "require_transformers"]
@@ -35,13 +34,13 @@ def require_transformers() -> ModuleType:
 def recorded(config) -> dict | None:
     """The install options recorded in a transformers config (a copy), or None."""
     options = getattr(config, CONFIG_KEY, None)
-    return None if options is None else dict(options)
+    return None if options is None else dict(sorted(options.items()))  # sorted, as config.json stores them
 
 
 def record(config, options: dict) -> None:
     """Record install options (JSON values only) in a transformers config."""
     json.dumps(options)  # fail here, not in save_pretrained, on a value config.json cannot hold
-    setattr(config, CONFIG_KEY, dict(options))
+    setattr(config, CONFIG_KEY, dict(sorted(options.items())))
 
 
 def forget(config) -> None:
@@ -80,8 +79,3 @@ def read_tensors(directory: str | os.PathLike, names: Iterable[str]) -> dict[str
                 if name in present:
                     tensors[name] = f.get_tensor(name)
     return tensors
-
-
-def same_values(a: Tensor, b: Tensor) -> bool:
-    """Bit-for-bit equality of two tensors (dtype and shape included)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)

@@ -1,0 +1,400 @@
+"""rotary.hf on causal LMs of the real transformers package: tiny models built from configs, no downloads.
+
+Every check compares against stock transformers: the identity install must compute what stock computes, and a
+random P must compute what a stock model computes whose q_proj/k_proj rows this file multiplies by P per head,
+in float64, independently of rotary.fold.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import rotary
+import rotary.hf
+
+transformers = pytest.importorskip("transformers")
+
+KINDS = ["llama", "qwen2", "qwen3", "mistral", "gemma"]
+_CONFIGS = {
+    "llama": transformers.LlamaConfig,
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "mistral": transformers.MistralConfig,
+    "gemma": transformers.GemmaConfig,
+}
+VOCAB = 97
+
+
+def tiny(kind="llama", attn="eager", **overrides):
+    """A 2-layer, width-64 causal LM with grouped-query attention (4 heads, 2 key/value heads of 16), eval mode.
+
+    Initialised at std 0.1 (logits of order one), with random q/k biases where the model has them.
+    """
+    options = dict(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1,
+        attn_implementation=attn, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    options.update(overrides)
+    model = transformers.AutoModelForCausalLM.from_config(_CONFIGS[kind](**options)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(std=0.5)
+    return model
+
+
+def randomize(model):
+    """Every installed P (and learned frequency scale) away from the identity."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".rotary." in name or name.startswith("rotary."):
+                p.normal_(std=0.5)
+    return model
+
+
+def mixed_by_hand(stock, installed):
+    """A copy of ``stock`` whose q_proj/k_proj rows (and biases) are multiplied by each layer's P, per head, in float64."""
+    model = copy.deepcopy(stock)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            attn = installed.model.layers[i].self_attn
+            r = getattr(attn, "rotary", None) or installed.model.rotary
+            P = r.mixing_matrix(torch.float64)  # (D, D)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                w = proj.weight.double().view(-1, 16, proj.in_features)  # (H, D, C)
+                proj.weight.copy_(torch.einsum("ij,hjc->hic", P, w).reshape(proj.weight.shape))
+                if proj.bias is not None:
+                    proj.bias.copy_(torch.einsum("ij,hj->hi", P, proj.bias.double().view(-1, 16)).flatten())
+    return model
+
+
+def tokens(batch=2, length=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def train_steps(model, steps=3, lr=0.05):
+    """A few SGD steps on random tokens; returns the model in eval mode."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    for step in range(steps):
+        ids = tokens(seed=100 + step)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------- identity, P
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_identity_install_equals_stock(kind, attn):
+    stock = tiny(kind, attn)
+    model = rotary.hf.install(copy.deepcopy(stock))
+    ids = tokens()
+    assert max_diff(logits(model, ids), logits(stock, ids)) <= 1e-6
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **greedy), stock.generate(ids, **greedy))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_random_p_equals_weights_multiplied_by_hand(kind, per_layer):
+    stock = tiny(kind)
+    model = randomize(rotary.hf.install(copy.deepcopy(stock), per_layer=per_layer))
+    if per_layer:
+        assert "rotary" not in model.model._modules
+        Ps = [layer.self_attn.rotary.mixing_matrix() for layer in model.model.layers]
+        assert not torch.equal(Ps[0], Ps[1])
+    ids = tokens()
+    reference = logits(mixed_by_hand(stock, model), ids)
+    assert max_diff(logits(model, ids), reference) <= 1e-5
+    assert max_diff(logits(model, ids), logits(stock, ids)) > 1e-3  # P matters
+
+
+def test_orthogonal_mixing_and_one_p_for_every_layer():
+    stock = tiny()
+    model = randomize(rotary.hf.install(copy.deepcopy(stock), mixing="orthogonal"))
+    names = [n for n, _ in model.named_parameters() if "rotary" in n]
+    assert names and all(n.startswith("model.rotary.mixing.") for n in names)
+    ids = tokens()
+    assert max_diff(logits(model, ids), logits(mixed_by_hand(stock, model), ids)) <= 1e-5
+
+
+def test_bfloat16_identity_is_bit_exact():
+    stock = tiny().to(torch.bfloat16)
+    model = rotary.hf.install(copy.deepcopy(stock))
+    ids = tokens()
+    assert torch.equal(logits(model, ids), logits(stock, ids))
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_training_updates_p_and_gradient_checkpointing_agrees():
+    stock = tiny(attn="sdpa")
+    models = [randomize(rotary.hf.install(copy.deepcopy(stock))) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    models[1].gradient_checkpointing_enable()
+    ids = tokens()
+    grads = []
+    for model in models:
+        model.train()
+        model(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    angles = grads[0]["model.rotary.mixing.angles"]
+    assert angles.abs().max() > 0
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_learned_frequencies_start_at_the_models_angles_and_train():
+    stock = tiny()
+    model = rotary.hf.install(copy.deepcopy(stock), learned_freq=True)
+    ids = tokens()
+    # transformers forms the angles in float32, rotary in float64: a few float32 ulps apart at these positions
+    assert max_diff(logits(model, ids), logits(stock, ids)) <= 1e-5
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert model.model.rotary.log_freq_scale.grad.abs().max() > 0
+    assert model.model.rotary.mixing.angles.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
+    ],
+)
+def test_scaling_equals_transformers_with_those_rope_parameters(scaling):
+    stock = tiny()
+    model = rotary.hf.install(copy.deepcopy(stock), scaling=scaling)
+    scaled = tiny(rope_parameters=dict(scaling))
+    scaled.load_state_dict(stock.state_dict())
+    ids = tokens(length=40)
+    assert max_diff(logits(model, ids), logits(scaled, ids)) <= 1e-5
+    assert max_diff(logits(model, ids), logits(stock, ids)) > 1e-4
+
+
+def test_learned_frequencies_on_a_model_with_yarn_start_at_its_angles():
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    stock = tiny(rope_parameters=scaling)
+    model = rotary.hf.install(copy.deepcopy(stock), learned_freq=True)
+    ids = tokens(length=40)
+    assert max_diff(logits(model, ids), logits(stock, ids)) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------- generate
+@pytest.mark.parametrize("options", [{}, {"learned_freq": True}], ids=["givens", "learned_freq"])
+def test_generate_matches_the_model_with_weights_multiplied_by_hand(options):
+    stock = tiny(attn="sdpa")
+    model = randomize(rotary.hf.install(copy.deepcopy(stock), **options))
+    ids = tokens(length=7)
+    if options:
+        # angles changed: no stock reference; the cache must reproduce a full forward, token by token
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+        full = logits(model, out.sequences[:, :-1])
+        for t, step in enumerate(out.logits):
+            assert max_diff(step, full[:, ids.shape[1] - 1 + t]) <= 1e-5
+        return
+    reference = mixed_by_hand(stock, model)
+    for kwargs in (dict(do_sample=False), dict(num_beams=3, do_sample=False)):
+        kwargs.update(max_new_tokens=6, pad_token_id=0)
+        assert torch.equal(model.generate(ids, **kwargs), reference.generate(ids, **kwargs))
+    # left-padded batch of different lengths
+    padded = ids.clone()
+    padded[0, :3] = 0
+    mask = (padded != 0).long()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(padded, **kwargs), reference.generate(padded, **kwargs))
+
+
+def test_sampling_equals_stock_at_the_identity():
+    stock = tiny(attn="sdpa")
+    model = rotary.hf.install(copy.deepcopy(stock))
+    ids = tokens(length=5)
+    outs = []
+    for m in (model, stock):
+        torch.manual_seed(7)
+        outs.append(m.generate(ids, max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0))
+    assert torch.equal(outs[0], outs[1])
+
+
+# --------------------------------------------------------------------------------------------- compile
+@pytest.mark.parametrize("options", [{}, {"learned_freq": True}], ids=["givens", "learned_freq"])
+def test_compile_adds_no_graph_breaks(options, fresh_dynamo):
+    stock = tiny(attn="sdpa")
+    model = randomize(rotary.hf.install(copy.deepcopy(stock), **options))
+    ids = tokens()
+    breaks = [torch._dynamo.explain(m)(ids).graph_break_count for m in (stock, model)]
+    assert breaks[1] == breaks[0]
+    if breaks[0] == 0:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            assert max_diff(compiled(ids).logits, logits(model, ids)) <= 1e-6
+
+
+# --------------------------------------------------------------------------------------------- fold, ship
+@pytest.mark.parametrize(
+    "kind, per_layer", [("llama", False), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("gemma", True)]
+)
+def test_fold_then_stock_from_pretrained_gives_the_trained_logits(kind, per_layer, tmp_path):
+    stock = tiny(kind)
+    model = randomize(rotary.hf.install(copy.deepcopy(stock), per_layer=per_layer))
+    if kind == "qwen3":  # P folds through q_norm/k_norm only while their weight is uniform: train them frozen
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.data.fill_(1.5)
+                norm.weight.requires_grad_(False)
+    model = train_steps(model)
+    ids = tokens()
+    trained = logits(model, ids)
+    rotary.fold(model)
+    assert rotary.hf.installed(model) is None
+    assert list(model.state_dict()) == list(stock.state_dict())
+    assert not any("forward" in m.__dict__ or m._forward_hooks for m in model.modules())
+    model.save_pretrained(tmp_path)
+    assert "rotary" not in (tmp_path / "config.json").read_text()
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert type(loaded) is type(stock)
+    assert max_diff(logits(loaded.eval(), ids), trained) <= 1e-5
+
+
+def test_fold_refuses_a_non_uniform_qk_norm_and_changes_nothing():
+    model = randomize(rotary.hf.install(tiny("qwen3")))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_norm.weight[3] = 2.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="k_norm.*not uniform.*Nothing was changed"):
+        rotary.fold(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert rotary.hf.installed(model) is not None and model.model.rotary.mixing is not None
+
+
+def test_fold_with_learned_frequencies_keeps_the_angle_rotary(tmp_path, caplog):
+    model = randomize(rotary.hf.install(tiny(), learned_freq=True))
+    ids = tokens()
+    before = logits(model, ids)
+    with caplog.at_level(logging.WARNING, logger="rotary.hf.causal"):
+        rotary.fold(model)
+    assert "angles were changed" in caplog.text
+    assert max_diff(logits(model, ids), before) <= 1e-5
+    assert model.model.rotary.mixing is None
+    assert rotary.hf.installed(model) == {"mixing": None, "per_layer": False, "learned_freq": True, "scaling": None}
+    model.save_pretrained(tmp_path)
+    reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
+    assert torch.equal(logits(reloaded.eval(), ids), logits(model, ids))
+
+
+# --------------------------------------------------------------------------------------------- save, reload
+@pytest.mark.parametrize("options", [{}, {"per_layer": True}, {"learned_freq": True}], ids=str)
+def test_save_and_reload_unfolded_is_bit_identical(options, tmp_path):
+    model = train_steps(randomize(rotary.hf.install(tiny("qwen2"), **options)))
+    model.save_pretrained(tmp_path)
+    reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
+    reloaded.eval()
+    assert rotary.hf.installed(reloaded) == rotary.hf.installed(model)
+    state, again = model.state_dict(), reloaded.state_dict()
+    assert list(state) == list(again)
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    ids = tokens()
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
+def test_reload_errors_name_expected_and_found(tmp_path):
+    model = rotary.hf.install(tiny())
+    model.save_pretrained(tmp_path / "installed")
+    with pytest.raises(ValueError, match=r"expected \{.*'per_layer': True.*\}, found \{.*'per_layer': False"):
+        rotary.hf.from_pretrained(
+            transformers.AutoModelForCausalLM, tmp_path / "installed", rotary={**rotary.hf.installed(model), "per_layer": True}
+        )
+    # a stock from_pretrained drops P: installing on top of it is refused, naming the recorded install
+    dropped = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "installed")
+    with pytest.raises(RuntimeError, match="records a rotary install.*rotary.hf.from_pretrained"):
+        rotary.hf.install(dropped)
+    tiny().save_pretrained(tmp_path / "stock")
+    with pytest.raises(ValueError, match="records no rotary install"):
+        rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "stock")
+
+
+# --------------------------------------------------------------------------------------------- uninstall, errors
+@pytest.mark.parametrize("options", [{}, {"per_layer": True, "learned_freq": True}], ids=str)
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_uninstall_restores_the_stock_module_tree(kind, options):
+    stock = tiny(kind)
+    model = rotary.hf.install(copy.deepcopy(stock), **options)
+    assert rotary.hf.installed(model) is not None
+    rotary.hf.uninstall(model)
+    assert list(model.state_dict()) == list(stock.state_dict())
+    assert [type(m) for m in model.modules()] == [type(m) for m in stock.modules()]
+    assert not any("forward" in m.__dict__ or m._forward_hooks for m in model.modules())
+    assert rotary.hf.installed(model) is None and "rotary" not in model.config.to_dict()
+    ids = tokens()
+    assert torch.equal(logits(model, ids), logits(stock, ids))
+    with pytest.raises(ValueError, match="no rotary is installed"):
+        rotary.hf.uninstall(model)
+
+
+def _snapshot(model):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        list(model.state_dict()),
+        [("forward" in m.__dict__, len(m._forward_hooks)) for m in model.modules()],
+        model.config.to_json_string(),
+    )
+
+
+def test_bad_input_is_refused_and_leaves_nothing_behind():
+    model = tiny()
+    snapshot = _snapshot(model)
+    with pytest.raises(TypeError, match=r"\['base'\].*come from the model's config"):
+        rotary.hf.install(model, base=500.0)
+    with pytest.raises(ValueError, match="rope_type"):
+        rotary.hf.install(model, scaling={"rope_type": "nonsense", "factor": 2.0})
+    with pytest.raises(ValueError, match="unknown mixing|mixing"):
+        rotary.hf.install(model, mixing="nonsense")
+    with pytest.raises(ValueError, match="nothing to install"):
+        rotary.hf.install(model, mixing=None)
+    assert _snapshot(model) == snapshot
+    rotary.hf.install(model)
+    with pytest.raises(RuntimeError, match="already installed.*uninstall"):
+        rotary.hf.install(model, per_layer=True)
+    rotary.hf.uninstall(model)
+    assert _snapshot(model) == snapshot
+
+
+def test_models_without_their_own_qk_rope_are_refused():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(TypeError, match="model.model.layers.*got GPT2LMHeadModel"):
+        rotary.hf.install(gpt2)
+    phi3 = transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                intermediate_size=64, vocab_size=VOCAB, pad_token_id=0)
+    )
+    snapshot = _snapshot(phi3)
+    with pytest.raises(TypeError, match=r"Phi3Attention has no separate q_proj/k_proj.*qkv_proj"):
+        rotary.hf.install(phi3)
+    assert _snapshot(phi3) == snapshot
+
+
+def test_norm_hook_is_what_acts_in_qwen3():
+    model = randomize(rotary.hf.install(tiny("qwen3")))
+    attn = model.model.layers[0].self_attn
+    assert len(attn.q_norm._forward_hooks) == 1 and "forward" not in attn.q_proj.__dict__
