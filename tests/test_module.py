@@ -375,3 +375,49 @@ def test_import_rotary_loads_the_core_only():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("mixing", MIXINGS)
+@pytest.mark.parametrize("interleaved,rotary_dim", [(True, None), (False, None), (True, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("where", ["int", "tensor", "BHTD-view", "past-table"])
+def test_inference_path_equals_training_path(mixing, interleaved, rotary_dim, dtype, where):
+    """Under no_grad (the decode path: cached table rows, a complex multiply, frozen mixing) the output is the one
+    the autograd path computes, bit for bit, and a mixing changed in place is picked up at once."""
+    m = _module(mixing, interleaved, head_dim=8 if mixing != "quaternion" else 6, heads=4, rotary_dim=rotary_dim)
+    x = torch.randn(3, 2, m.heads, m.head_dim).to(dtype)
+    layout, offset = "BTHD", 5
+    if where == "tensor":
+        offset = torch.tensor([0, 7, 300])
+    elif where == "BHTD-view":
+        x, layout = x.transpose(1, 2), "BHTD"
+    elif where == "past-table":
+        offset = m.cos_cached.shape[0] - 1  # the general path grows the table for these rows
+
+    def both():
+        with torch.no_grad():
+            fast = m(x, offset=offset, layout=layout)
+        slow = m(x.detach().requires_grad_(), offset=offset, layout=layout)
+        return fast, slow.detach()
+
+    def same(a, b):  # bit for bit; a dense P is a matmul whose blocking may differ by an ulp between grad modes
+        if mixing in ("orthogonal", "quaternion"):
+            return bool(((a.double() - b.double()).abs() <= ulp(b.double(), dtype) + 1e-6).all())
+        return torch.equal(a, b)
+
+    fast, slow = both()
+    assert same(fast, slow)
+    if mixing is not None:
+        with torch.no_grad():
+            for p in m.mixing.parameters():
+                p.add_(0.3)
+        fast2, slow2 = both()
+        assert same(fast2, slow2) and not torch.equal(fast2, fast)
+    with torch.no_grad(), pytest.raises(ValueError):  # bad input still raises on the inference path
+        m(x, offset=-1, layout=layout)
+    last = x[:, -1:] if layout == "BTHD" else x[:, :, -1:]  # one new query against the whole key sequence
+    with torch.inference_mode():
+        q, k = m.rotate_qk(last, x, offset=offset, layout=layout)
+    q_slow, k_slow = m.rotate_qk(last.detach().requires_grad_(), x.detach().requires_grad_(), offset=offset,
+                                 layout=layout)
+    assert same(q, q_slow.detach()) and same(k, k_slow.detach())

@@ -85,6 +85,29 @@ def test_kv_cache_hooks_match_full_forward(placement, sdpa, features):
     assert (full - cached).abs().max() <= _tol(full)
 
 
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "dynamic", "factor": 2.0,
+                                              "original_max_position_embeddings": 6}])
+def test_cache_holds_rotated_keys_and_steps_rotate_only_new_tokens(scaling, features):
+    """The per-step rotary work does not grow with the cache (keys are cached rotated) and equals a full forward;
+    under length-dependent scaling every key is rotated again at the current length each step."""
+    model = _installed("attention", scaling=scaling)
+    rows = []
+    model.decoder.rotary.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    tokens = torch.randint(0, DIMS.n_vocab, (2, 12))
+    with torch.no_grad():
+        full = model.logits(tokens, features)
+        rows.clear()
+        cached = _cached_logits(model, tokens, features, prompt=3)
+    if scaling is None:  # (with dynamic scaling every angle moves with the length: no fixed full forward to equal)
+        assert (full - cached).abs().max() <= _tol(full)
+    layers = DIMS.n_text_layer
+    steps = rows[2 * layers :]  # after the prompt: one query and one key (or the whole key sequence) per layer
+    if scaling is None:
+        assert steps == [1] * (2 * layers * 9)
+    else:
+        assert max(steps) == 12  # the last step rotates all 12 keys again
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_installed_model_computes_a_rotary_decoder(placement, features):
     """Against the reference decoder: the same weights copied into rotary.decoder.Decoder give the same logits."""

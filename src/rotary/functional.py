@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["apply_rotary"]
+__all__ = ["apply_rotary", "complex_viewable", "compute_dtype", "rope_into", "rotate"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,7 +28,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _complex_viewable(t: Tensor) -> bool:
+def complex_viewable(t: Tensor) -> bool:
+    """Whether ``view_as_complex`` can read t's last dim as pairs (float32/64, unit stride, even strides)."""
     # view_as_complex needs unit stride on the pair axis and even strides/offset elsewhere.
     return (
         t.dtype in (torch.float32, torch.float64)
@@ -38,10 +39,11 @@ def _complex_viewable(t: Tensor) -> bool:
     )
 
 
-def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> None:
+def rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, rot: Tensor | None = None) -> None:
     """``out[..., :r] = R x[..., :r]`` (out may be x, or alias it); channels past r are copied otherwise.
 
-    Use ``-sin`` for the inverse rotation R^T. x and out are float32/float64 of equal shape.
+    Use ``-sin`` for the inverse rotation R^T. x and out are float32/float64 of equal shape. rot: ``cos + i sin``
+    if the caller has it already (the inference path keeps a complex table).
     """
     half = cos.shape[-1]
     r = 2 * half
@@ -50,8 +52,8 @@ def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, interleaved: bo
     xr, outr = x[..., :r], out[..., :r]
     if not in_place and r < x.shape[-1]:
         out[..., r:] = x[..., r:]
-    if interleaved and _complex_viewable(xr) and _complex_viewable(outr):
-        rot = torch.complex(cos.to(x.dtype), sin.to(x.dtype))
+    if interleaved and complex_viewable(xr) and complex_viewable(outr):
+        rot = torch.complex(cos.to(x.dtype), sin.to(x.dtype)) if rot is None or rot.real.dtype != x.dtype else rot
         xc = torch.view_as_complex(xr.unflatten(-1, (half, 2)))
         torch.mul(xc, rot, out=torch.view_as_complex(outr.unflatten(-1, (half, 2))))
         return
@@ -96,10 +98,10 @@ def _rotated(src: Tensor, owned: bool, cos: Tensor, sin: Tensor, interleaved: bo
     """R src in a buffer of our own: src itself when owned (a fresh upcast or contiguous copy), else a new one."""
     if owned or _copy_first(src):
         out = src if owned else src.clone()
-        _rope_into(out, out, cos, sin, interleaved)
+        rope_into(out, out, cos, sin, interleaved)
     else:
         out = torch.empty_like(src)
-        _rope_into(out, src, cos, sin, interleaved)
+        rope_into(out, src, cos, sin, interleaved)
     return out
 
 
@@ -113,7 +115,7 @@ class _Rotary(torch.autograd.Function):
         if c is not None:
             y = torch.empty_like(xc)
             _givens_into(y, xc, c.to(cdtype), s.to(cdtype), partner)
-            _rope_into(y, y, cos, sin, interleaved)
+            rope_into(y, y, cos, sin, interleaved)
         else:
             y = _rotated(xc, xc is not x, cos, sin, interleaved)
         ctx.interleaved = interleaved
@@ -141,7 +143,7 @@ class _Rotary(torch.autograd.Function):
         tmp = prod = None
         for xi, ci in _blocks(g, cos):
             ob = out[xi]
-            _rope_into(ob, g[xi], cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
+            rope_into(ob, g[xi], cos[ci], -sin[ci], ctx.interleaved)  # v = R^T g, written where grad_x goes
             o2, x2 = ob.reshape(-1, D), xc[xi].reshape(-1, D)
             if tmp is None or tmp.numel() < o2.numel():
                 tmp = torch.empty(o2.numel(), dtype=cdtype, device=g.device)

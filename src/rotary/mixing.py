@@ -33,6 +33,27 @@ class _Mixing(nn.Module):
     def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
         raise NotImplementedError
 
+    def apply_frozen(self, x: Tensor) -> Tensor:
+        """``P x`` for float32 x ``(..., head_dim)`` without autograd (the inference path).
+
+        What P is built from (dense P, or Givens coefficients) is cached between calls and rebuilt whenever a
+        parameter or buffer changes: the key is every tensor's version counter and storage, which in-place
+        updates (optimizer steps, ``load_state_dict``, ``.to()``) all change. Never used where gradients flow.
+        """
+        key = tuple((t._version, t.data_ptr()) for t in (*self._parameters.values(), *self._buffers.values()))
+        cached = self.__dict__.get("_frozen")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self._frozen_parts())
+            self.__dict__["_frozen"] = cached
+        return self._apply_parts(x, cached[1])
+
+    def _frozen_parts(self):
+        return self.matrix(torch.float32)
+
+    def _apply_parts(self, x: Tensor, P) -> Tensor:
+        return x @ P.T
+
 
 def default_planes(head_dim: int, rope_pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """head_dim // 2 disjoint planes (i, j), i != j, from a fixed-seed shuffle, none equal to a RoPE pair.
@@ -88,6 +109,13 @@ class GivensMixing(_Mixing):
         s = torch.zeros_like(ones).index_put((i,), -sin).index_put((j,), sin)
         partner = torch.arange(self.head_dim, device=t.device).index_put((i,), j).index_put((j,), i)
         return c, s, partner
+
+    def _frozen_parts(self):
+        return self.coefficients(torch.float32)
+
+    def _apply_parts(self, x: Tensor, parts) -> Tensor:
+        c, s, partner = parts
+        return torch.index_select(x, -1, partner).mul_(s).addcmul_(x, c)  # the kernel's c * x + s * x[partner]
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense P ``(head_dim, head_dim)`` (for folding and inspection)."""

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .directions import Directions, trig_gradient
 from .frequencies import angle_dtype, inverse_frequencies, rotary_angles
-from .functional import compute_dtype, rotate
+from .functional import complex_viewable, compute_dtype, rope_into, rotate
 from .mixing import GivensMixing, make_mixing, resolve_kind
 from .scaling import Scaling
 
@@ -19,6 +19,7 @@ __all__ = ["Rotary", "rotary"]
 _INITIAL_TABLE = 2048  # rows of the cos/sin table built at construction; it doubles on demand in eager mode
 _MAX_TABLE = 1 << 17  # the table never grows past this (8 MiB per 16 pairs); later positions are computed directly
 LAYOUTS = ("BTHD", "BHTD")  # 4-D layouts: (batch, seq, heads, head_dim) or (batch, heads, seq, head_dim)
+_INFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Rotary(nn.Module):
@@ -120,6 +121,10 @@ class Rotary(nn.Module):
             raise ValueError("scaling= is for 1-D positions; N-D directions take none")
         if directions == "mixed" and learned_freq:
             raise ValueError('directions="mixed" learns the frequency vectors already; drop learned_freq')
+        # what the inference path needs to know, fixed at construction: angles that only the table holds (no
+        # learned frequencies, no dependence on the length), and a layout that is one complex multiply
+        self._fixed_angles = self.log_freq_scale is None and not self._length_dependent and self.directions is None
+        self._full_complex = interleaved and rotary_dim == head_dim
         self.register_buffer("cos_cached", torch.empty(0, rotary_dim // 2), persistent=False)
         self.register_buffer("sin_cached", torch.empty(0, rotary_dim // 2), persistent=False)
         # Length-dependent schemes compute cos/sin per call from the length, so they keep no table.
@@ -151,6 +156,9 @@ class Rotary(nn.Module):
         positions = torch.arange(length, device=device, dtype=angle_dtype(device))
         angles = rotary_angles(positions, self._base_freqs(device))
         self.cos_cached, self.sin_cached = self._scaled_cos_sin(angles, torch.float32)
+        # The same table as complex cos + i sin, for the inference path. A plain attribute, not a buffer: a module
+        # cast (``.to(bfloat16)``) would drop the imaginary part of a complex buffer before _apply rebuilds it.
+        self.cis_cached = torch.complex(self.cos_cached, self.sin_cached)
 
     def _scaled_cos_sin(self, angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cos, sin = angles.cos(), angles.sin()
@@ -242,6 +250,10 @@ class Rotary(nn.Module):
         Returns:
             a tensor of x's shape and dtype.
         """
+        if positions is None and length is None and not torch.is_grad_enabled():
+            y = self._inference(x, offset, layout, mix)
+            if y is not None:
+                return y
         x4, time_dim = self._as_heads(x, layout, "x")
         B, T = x4.shape[0], x4.shape[time_dim]
         cos, sin = self._cos_sin(B, T, offset, positions, x4.dtype, x4.device, length)
@@ -267,6 +279,13 @@ class Rotary(nn.Module):
         defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives exactly what a full
         forward over the same tokens gives.
         """
+        if positions is None and length is None and not torch.is_grad_enabled() and q.dim() == k.dim() == 4:
+            t = 2 if layout == "BHTD" else 1  # the time axis; heads are the other middle axis, 3 - t
+            if q.shape[0] == k.shape[0] and k.shape[t] >= q.shape[t] and q.shape[3 - t] % k.shape[3 - t] == 0:
+                k_rot = self._inference(k, offset, layout, mix)
+                q_rot = self._inference(q, offset + (k.shape[t] - q.shape[t]), layout, mix)  # the last Tq positions
+                if q_rot is not None and k_rot is not None:
+                    return q_rot, k_rot
         q4, time_dim = self._as_heads(q, layout, "q", need_3d=False)
         k4, _ = self._as_heads(k, layout, "k", need_3d=False)
         B, Tq, Tk = q4.shape[0], q4.shape[time_dim], k4.shape[time_dim]
@@ -302,6 +321,76 @@ class Rotary(nn.Module):
         if length is None and self._length_dependent:
             length = positions.amax(dim=-1) + 1 if positions.numel() else None
         return self._at(positions, torch.float32, length)
+
+    def _inference(self, x: Tensor, offset, layout: str, mix: bool) -> Tensor | None:
+        """The no-grad path at the cost of the work: None where it does not apply (then forward takes the general
+        path, which also raises every bad-input error).
+
+        Applies to positions ``offset + arange(T)`` served by the table (int offsets, or ``(B,)`` offsets gathered
+        from it), float32/bf16/fp16 input, frequencies that do not depend on a parameter or on the length. The cost
+        at decode shapes is then what a bare complex multiply by a precomputed table row costs (Meta's
+        ``freqs_cis``), plus a gather for tensor offsets and, unfolded, the Givens mixing: the general path's
+        per-call validation, dtype juggling and autograd.Function dispatch are what dominate at one token.
+        """
+        # Every check here is a cheap attribute read: at one token, Python overhead is the whole cost.
+        if not self._fixed_angles or x.dtype not in _INFERENCE_DTYPES or torch.compiler.is_compiling():
+            return None
+        rank = x.dim()
+        if rank == 3:
+            if x.shape[2] != self.dims:
+                return None
+            x4, time_dim = x.unflatten(-1, (self.heads, self.head_dim)), 1  # (B, T, H, D)
+        elif rank == 4 and x.shape[3] == self.head_dim and (layout == "BTHD" or layout == "BHTD"):
+            x4, time_dim = x, (1 if layout == "BTHD" else 2)
+            if self.heads % x.shape[3 - time_dim] != 0:
+                return None
+            if time_dim == 2 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
+                # a (B, T, H, D) buffer seen as (B, H, T, D): work on the buffer, as the general path does (the
+                # same memory order gives the same roundings)
+                y = self._inference(x.transpose(1, 2), offset, "BTHD", mix)
+                return None if y is None else y.transpose(1, 2)
+        else:
+            return None
+        T = x4.shape[time_dim]
+        table = self.cis_cached  # (rows, r/2) complex
+        if type(offset) is int:
+            if not 0 <= offset <= table.shape[0] - T:
+                return None  # the general path grows the table or computes these rows
+            cis = table[offset : offset + T]  # (T, r/2)
+        elif (
+            isinstance(offset, Tensor)
+            and offset.shape == (x4.shape[0],)
+            and not (offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool)
+        ):
+            B = x4.shape[0]
+            index = offset.view(B, 1) if T == 1 else offset.view(B, 1) + torch.arange(T, device=offset.device)
+            if table.device.type == "cpu":
+                try:  # index_select checks the range itself on CPU: no separate bounds pass
+                    cis = table.index_select(0, index.view(-1)).view(B, T, -1)  # (B, T, r/2)
+                except (IndexError, RuntimeError):
+                    return None
+            else:  # on accelerators a bad index is an asynchronous device assert: check first (one sync)
+                lo, hi = torch.aminmax(index)
+                if int(lo) < 0 or int(hi) >= table.shape[0]:
+                    return None
+                cis = table[index.to(table.device)]
+        else:
+            return None
+        if time_dim == 1:
+            cis = cis.unsqueeze(-2)  # (T | B,T, 1, r/2) against (B, T, H, D)
+        elif cis.dim() == 3:
+            cis = cis.unsqueeze(1)  # (B, 1, T, r/2) against (B, H, T, D)
+        xf = x4 if x4.dtype == torch.float32 else x4.float()
+        if mix and self.mixing is not None:
+            xf = self.mixing.apply_frozen(xf)
+        if self._full_complex and xf.is_contiguous():
+            y = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cis).flatten(-2)
+        else:
+            y = torch.empty_like(xf)
+            rope_into(y, xf, cis.real, cis.imag, self.interleaved, rot=cis)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(x.shape) if rank == 3 else y
 
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, time_dim: int, mix: bool) -> Tensor:
         """``R P x`` for a 4-D x whose time axis is ``time_dim`` (1 or 2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``,

@@ -15,11 +15,16 @@ What changes, and nothing else:
 - attention placement only: the ``forward`` of every decoder *self*-attention rotates q and k with the shared
   Rotary before whisper's own ``qkv_attention``. Cross-attention and values are never rotated.
 
-Whisper's KV-cache hooks (``install_kv_cache_hooks``) store the outputs of the ``key``/``value`` projections, i.e.
-keys before rotation. So each step rotates the whole key sequence from position 0 and the queries at the last
-positions: exact, and O(S) rotations per step instead of O(1) (the reference :class:`rotary.decoder.Decoder`
-caches rotated keys instead). ``decode()``, ``transcribe()``, beam search (which reorders the cache) and the
-alignment hooks keep working, since the module tree, parameter names and hooks are whisper's own.
+Whisper's KV-cache hooks (``install_kv_cache_hooks``) store the outputs of the ``key``/``value`` projections. The
+attention placement rotates the new keys right at the ``key`` projection's output, in a forward hook that runs
+before whisper's cache hook (``prepend=True``), so the cache holds rotated keys and each decoding step rotates
+only the new query and key: the per-token cost does not grow with the transcript. A position never changes once
+written, so cached rotated keys stay exact. Exception: length-dependent scaling (``scaling`` dynamic or longrope)
+changes every angle as the sequence grows, so there the cache keeps unrotated keys and each step rotates the whole
+key sequence from position 0 at the current length (O(S) per step). The decoder's forward records the position of its first
+new token on the Rotary (``WhisperRotary.offset``) for the key hook: Python state, set once per forward.
+``decode()``, ``transcribe()``, beam search (which reorders the cache) and the alignment hooks keep working,
+since the module tree, parameter names and hooks are whisper's own.
 
 The replaced forwards are small picklable objects stored on the instances (``module.__dict__["forward"]``), so
 ``copy.deepcopy`` and ``torch.save(model)`` work; :func:`uninstall` deletes them and the Rotary.
@@ -49,6 +54,9 @@ class WhisperRotary(Rotary):
         super().__init__(dims, heads, **rotary_options)
         self.placement = placement
         self.attention_layers: list[nn.Module] = []  # plain references, not submodules: whisper owns them
+        self.offset = 0  # position of the first new token of the running decoder forward (set by it)
+        # keys can be cached rotated unless every angle moves with the sequence length
+        self.caches_rotated_keys = not self._length_dependent
 
     def prepare_fold(self):
         if self.mixing is None:
@@ -86,7 +94,13 @@ class _TextDecoderForward:
         T = x.shape[-1]
         x = d.token_embedding(x)  # (B, T, C)
         if self.learned_positions:
+            if offset + T > d.positional_embedding.shape[0]:
+                raise ValueError(
+                    f"positions up to {offset + T} exceed whisper's learned table ({d.positional_embedding.shape[0]} "
+                    "positions): install with learned_positions=False to bypass it"
+                )
             x = x + d.positional_embedding[offset : offset + T]
+        d.rotary.offset = offset
         if self.placement == "embedding":
             x = d.rotary(x, offset=offset)
         x = x.to(xa.dtype)
@@ -110,13 +124,26 @@ class _SelfAttentionForward:
         a = self.attn
         q = a.query(x)  # (B, T, C)
         # With whisper's KV-cache hooks installed, key() and value() return the cached positions 0 .. S-T-1
-        # followed by the new ones: (B, S, C), keys not yet rotated.
+        # followed by the new ones: (B, S, C). The keys come out rotated by _RotateKeys, except with
+        # length-dependent scaling, where they are rotated here, all of them, at the current length.
         k = a.key(x)
         v = a.value(x)
         q = self.rotary(q, offset=k.shape[1] - q.shape[1])
-        k = self.rotary(k)
+        if not self.rotary.caches_rotated_keys:
+            k = self.rotary(k)
         wv, qk = a.qkv_attention(q, k, v, mask)
         return a.out(wv), qk
+
+
+class _RotateKeys:
+    """Forward hook on a self-attention's ``key`` projection: rotates its new keys at their positions, before
+    whisper's cache hook stores them (it is prepended to the hooks)."""
+
+    def __init__(self, rotary: WhisperRotary):
+        self.rotary = rotary
+
+    def __call__(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
+        return self.rotary(output, offset=self.rotary.offset)  # (B, T, C) at offset .. offset + T - 1
 
 
 def install(model: nn.Module, *, placement: str = "attention", learned_positions: bool | None = None, **rotary_options):
@@ -155,6 +182,8 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
         for block in decoder.blocks:
             block.attn.forward = _SelfAttentionForward(block.attn, decoder.rotary)
             decoder.rotary.attention_layers.append(block.attn)
+            if decoder.rotary.caches_rotated_keys:
+                block.attn.key.register_forward_hook(_RotateKeys(decoder.rotary), prepend=True)
     return model
 
 
@@ -170,6 +199,9 @@ def uninstall(model: nn.Module) -> nn.Module:
     for block in decoder.blocks:
         if isinstance(block.attn.__dict__.get("forward"), _SelfAttentionForward):
             del block.attn.forward
+        hooks = block.attn.key._forward_hooks
+        for key in [k for k, hook in hooks.items() if isinstance(hook, _RotateKeys)]:
+            del hooks[key]
     del decoder.forward
     del decoder.rotary
     return model
