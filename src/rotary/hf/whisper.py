@@ -1,0 +1,374 @@
+"""Install a :class:`rotary.Rotary` into a Hugging Face Whisper's text decoder, in place, without editing transformers.
+
+    model = WhisperForConditionalGeneration.from_pretrained("openai/whisper-base")
+    rotary.hf.install(model, placement="attention", mixing="givens")      # or rotary.hf.whisper.install
+
+For ``WhisperForConditionalGeneration`` and ``WhisperModel`` (transformers >= 5). Options, defaults and meaning are
+those of :func:`rotary.whisper.install` (openai-whisper). What changes, and nothing else:
+
+- ``decoder.rotary``: one :class:`WhisperRotary` for the whole decoder, a registered submodule, so its parameters
+  are in ``named_parameters()`` and ``state_dict()`` (``model.decoder.rotary.*``), with its configuration as an
+  extra-state entry (``..._extra_state``) that every load path checks.
+- ``model.config.rotary``: the install options (the record of :mod:`rotary.hf`), so that ``config.json`` carries
+  them; a fold sets its ``mixing`` to None.
+- attention placement: the ``forward`` of every decoder *self*-attention is replaced (an instance attribute) by
+  transformers' ``WhisperAttention.forward`` for self-attention with q and k rotated at their absolute positions
+  *before* the key cache is updated: HF's ``EncoderDecoderCache`` then holds rotated keys, and each decode step
+  rotates only the new query and key (per-step cost independent of the cached length). Positions are the
+  cache's: the first new token sits at ``cache.self_attention_cache.get_seq_length(layer_idx)``. In left-padded
+  batches a row is thereby shifted by its pad count, which changes no score (RoPE scores depend only on
+  relative position, and padded keys are masked). Cross-attention, values and the encoder are never touched.
+- embedding placement: a forward pre-hook on the decoder embeds the tokens, adds the learned table (if kept) and
+  rotates the sum at ``position_ids`` (the decoder's own positions, per row), then hands the decoder
+  ``inputs_embeds``; the decoder's dropout and blocks follow as in stock.
+- ``learned_positions`` (default True for ``"embedding"``, False for ``"attention"``): kept, the table is added as
+  before and a decoder input past ``max_target_positions`` is a clear error (a forward pre-hook checks the
+  length). Bypassed, ``embed_positions`` returns zero (its ``forward`` is replaced; the table stays in the
+  state_dict, untouched, and receives no gradient) and nothing caps the length: for
+  ``WhisperForConditionalGeneration`` the ``labels`` length check and ``generate()``'s ``max_target_positions``
+  cap are lifted too (``model.max_target_positions`` raised; ``model.generate`` runs transformers' own generate
+  with ``config.max_target_positions`` raised for the call; long-form generation's previous-text cut-off,
+  ``max_target_positions // 2``, is then lifted as well).
+
+Saving and reloading, bit-identical: ``model.save_pretrained(path)``, then ``rotary.hf.from_pretrained(
+WhisperForConditionalGeneration, path)`` (it reinstalls from ``config.rotary``). Loading a state_dict (Trainer's
+resume included) into a model installed with other options is a clear error naming both.
+:func:`uninstall` removes everything install added; :func:`rotary.fold` folds P into the decoder self-attention
+``q_proj``/``k_proj`` (the RoPE stays installed: HF Whisper has none of its own).
+
+The replaced forwards and hooks are small picklable objects, so ``copy.deepcopy`` and ``torch.save(model)`` work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..fold import fold_mixing
+from ..module import Rotary
+from ._common import forget, record, require_transformers
+
+__all__ = ["PLACEMENTS", "WhisperRotary", "install", "installed_placement", "uninstall"]
+
+PLACEMENTS = ("attention", "embedding")
+_NO_CAP = 1 << 30  # max_target_positions while the learned table is bypassed: RoPE has no length limit
+_EXTRA_STATE_FORMAT = "rotary.hf.whisper/1"
+
+
+def _transformers():
+    require_transformers()
+    from transformers import WhisperForConditionalGeneration, WhisperModel
+    from transformers.cache_utils import EncoderDecoderCache
+    from transformers.models.whisper import modeling_whisper
+
+    return WhisperForConditionalGeneration, WhisperModel, EncoderDecoderCache, modeling_whisper
+
+
+class WhisperRotary(Rotary):
+    """The :class:`rotary.Rotary` that :func:`install` registers at the decoder's ``rotary``.
+
+    A Rotary (same parameters, state_dict names and forward) that also knows where it was installed, so that
+    :func:`rotary.fold` can fold its P into the decoder self-attention ``q_proj``/``k_proj``
+    (:class:`rotary.fold.Foldable`), and records its configuration in the state_dict (extra state), so that a
+    checkpoint cannot be loaded into a rotary installed with other options.
+    """
+
+    def __init__(self, dims: int, heads: int, *, placement: str, learned_positions: bool, **rotary_options):
+        super().__init__(dims, heads, **rotary_options)
+        self.placement, self.learned_positions = placement, learned_positions
+        self.scaling_options = rotary_options.get("scaling")
+        self.attention_layers: list[nn.Module] = []  # plain references, not submodules: transformers owns them
+        self.host_config = None  # the model's config, whose install record a fold updates
+
+    def options(self) -> dict:
+        """The keyword arguments of :func:`install` that rebuild this rotary (after a fold: ``mixing=None``)."""
+        return {
+            "placement": self.placement,
+            "learned_positions": self.learned_positions,
+            "mixing": self.mixing_kind,
+            "interleaved": self.interleaved,
+            "rotary_dim": self.rotary_dim,
+            "base": self.base,
+            "learned_freq": self.log_freq_scale is not None,
+            "scaling": self.scaling_options,
+        }
+
+    def get_extra_state(self) -> Tensor:
+        # A uint8 tensor rather than a dict: safetensors (save_pretrained) stores tensors only.
+        text = json.dumps({"format": _EXTRA_STATE_FORMAT, **self.options()}, sort_keys=True)
+        return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        found = extra_state_options(state)
+        if found != self.options():
+            raise ValueError(
+                f"this checkpoint's rotary was installed with {found}, but this model's with {self.options()}: "
+                "install with the checkpoint's options (rotary.hf.from_pretrained reads them from its config)"
+            )
+
+    def prepare_fold(self) -> Callable[[], None] | None:
+        if self.mixing is None:
+            return None
+        if self.placement != "attention":
+            raise ValueError(
+                f"the embedding placement cannot be folded (expected placement='attention', found "
+                f"{self.placement!r}): its P acts on the residual stream, which no weight can absorb (see "
+                "rotary.fold); nothing was changed"
+            )
+        projections = [p for a in self.attention_layers for p in (a.q_proj, a.k_proj)]
+
+        def action():
+            fold_mixing(self.remove_mixing(), *projections)
+            if self.host_config is not None:
+                record(self.host_config, self.options())  # mixing=None: a reload must not bring P back
+
+        return action
+
+
+def extra_state_options(state) -> dict:
+    """The install options recorded in a :class:`WhisperRotary` extra-state tensor."""
+    try:
+        record = json.loads(bytes(state.tolist()).decode())
+        if record.pop("format") != _EXTRA_STATE_FORMAT:
+            raise ValueError
+    except (AttributeError, TypeError, ValueError, KeyError) as error:
+        raise ValueError(f"not a rotary.hf.whisper rotary record (expected {_EXTRA_STATE_FORMAT!r})") from error
+    return record
+
+
+class _SelfAttentionForward:
+    """transformers' ``WhisperAttention.forward`` for decoder self-attention, with q and k rotated before caching.
+
+    A replaced forward body: the identity test (P = I, position 0, learned positions kept: logits equal stock's)
+    fails the day transformers changes the body it copies.
+    """
+
+    def __init__(self, attn: nn.Module, rotary: Rotary, encoder_decoder_cache: type, attention_functions, eager):
+        # A plain reference, not a submodule: the Rotary is registered once, at the decoder's ``rotary``.
+        self.attn, self.rotary = attn, rotary
+        self.encoder_decoder_cache, self.attention_functions, self.eager = (
+            encoder_decoder_cache, attention_functions, eager
+        )
+
+    def __call__(
+        self,
+        hidden_states: Tensor,
+        key_value_states: Tensor | None = None,
+        cache=None,
+        attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+        **kwargs,
+    ):
+        """hidden_states ``(B, T, C)``; returns ``(out (B, T, C), attention weights or None)`` like transformers."""
+        if key_value_states is not None:
+            raise ValueError("a rotary self-attention got key_value_states: cross-attention is never rotated")
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)  # the name transformers deprecates
+        a = self.attn
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, a.head_dim)
+        # Scaled before rotating, in transformers' order (it keeps openai-whisper's rounding).
+        q = (a.q_proj(hidden_states) * a.scaling).view(hidden_shape)  # (B, T, H, D)
+        k = a.k_proj(hidden_states).view(hidden_shape)  # (B, T, H, D)
+        v = a.v_proj(hidden_states).view(hidden_shape).transpose(1, 2).contiguous()  # (B, H, T, D)
+        if isinstance(cache, self.encoder_decoder_cache):
+            cache = cache.self_attention_cache
+        offset = cache.get_seq_length(a.layer_idx) if cache is not None else 0  # a Python int: no host sync
+        # Rotated in (B, T, H, D), the projections' own buffers, then laid out (B, H, T, D) as transformers does.
+        q, k = self.rotary.rotate_qk(q, k, offset=offset, layout="BTHD")
+        q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        if cache is not None:
+            k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)  # rotated keys go into the cache
+        attention = self.attention_functions.get_interface(a.config._attn_implementation, self.eager)
+        out, weights = attention(
+            a, q, k, v, attention_mask,
+            dropout=0.0 if not a.training else a.dropout,
+            scaling=1.0,  # already applied to q, as transformers does
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+        out = out.reshape(*input_shape, -1).contiguous()  # (B, T, C)
+        return a.out_proj(out), weights
+
+
+class _NoLearnedPositions:
+    """``embed_positions.forward`` while the learned table is bypassed (or added by :class:`_DecoderInputs`)."""
+
+    def __init__(self, table: nn.Module):
+        self.table = table
+
+    def __call__(self, input_ids, cache_length=0, position_ids=None) -> Tensor:
+        # A 0-d zero: the decoder's ``inputs_embeds + positions`` is then exact and costs one broadcast add.
+        return self.table.weight.new_zeros(())
+
+
+class _DecoderInputs:
+    """Forward pre-hook (with kwargs) on the decoder: the learned table's length check, and the embedding placement.
+
+    Positions follow the decoder's own rule: ``position_ids`` if given, else ``cache_length + arange(T)``.
+    """
+
+    def __init__(self, placement: str, learned_positions: bool):
+        self.placement, self.learned_positions = placement, learned_positions
+
+    def __call__(self, decoder: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            if len(args) > 1:
+                raise TypeError("pass the decoder's arguments after input_ids by keyword while a rotary is installed")
+            kwargs = {**kwargs, "input_ids": args[0]}
+        input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+        if (input_ids is None) == (embeds is None):
+            return None  # the decoder raises its own error
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        position_ids = kwargs.get("position_ids")
+        T = (input_ids if embeds is None else embeds).shape[1]
+        cache_length = cache.get_seq_length() if cache is not None else 0
+        limit = decoder.max_target_positions
+        if self.learned_positions and cache_length + T > limit:
+            raise ValueError(
+                f"the decoder input reaches {cache_length + T} positions ({cache_length} cached + {T} new), but the "
+                f"learned position table kept by this rotary install has max_target_positions = {limit}: shorten "
+                "the input, or install with learned_positions=False to run past it"
+            )
+        if self.placement != "embedding":
+            return None if not args else ((), kwargs)
+        x = decoder.embed_tokens(input_ids) if embeds is None else embeds  # (B, T, C)
+        if self.learned_positions:
+            table = decoder.embed_positions
+            # the class's forward: the instance's is _NoLearnedPositions, so that the decoder adds nothing more
+            x = x + type(table).forward(table, x, cache_length=cache_length, position_ids=position_ids).to(x.device)
+        if position_ids is None:
+            x = decoder.rotary(x, offset=cache_length)
+        else:
+            x = decoder.rotary(x, positions=position_ids)
+        return (), {**kwargs, "input_ids": None, "inputs_embeds": x}
+
+
+class _UncappedGenerate:
+    """``model.generate`` with the learned table bypassed: transformers' own generate, with
+    ``config.max_target_positions`` raised for the call so that it neither refuses nor trims past 448 tokens."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        config = self.model.config
+        cap = config.max_target_positions
+        config.max_target_positions = _NO_CAP
+        try:
+            return type(self.model).generate(self.model, *args, **kwargs)
+        finally:
+            config.max_target_positions = cap
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    conditional, bare, _, _ = _transformers()
+    if isinstance(model, conditional):
+        return model.model.decoder
+    if isinstance(model, bare):
+        return model.decoder
+    raise TypeError(
+        f"rotary.hf.whisper expects a transformers WhisperForConditionalGeneration or WhisperModel, "
+        f"got {type(model).__name__}"
+    )
+
+
+def install(model: nn.Module, *, placement: str = "attention", learned_positions: bool | None = None, **rotary_options):
+    """Install one Rotary into a Hugging Face Whisper's text decoder, in place; returns the model.
+
+    Args:
+        model: a ``WhisperForConditionalGeneration`` or ``WhisperModel``. Load its weights before installing (or
+            use :func:`rotary.hf.from_pretrained` for a checkpoint saved with a rotary).
+        placement: ``"attention"`` (q and k of every decoder self-attention; scores depend only on relative
+            position) or ``"embedding"`` (once, on the decoder's embedded tokens: an absolute, multiplicative
+            encoding).
+        learned_positions: keep adding the learned absolute table ``embed_positions``; default True for
+            ``"embedding"`` (the original module's form), False for ``"attention"`` (RoPE replaces the table and
+            lifts the ``max_target_positions`` cap).
+        rotary_options: keyword arguments of :class:`rotary.Rotary` (``mixing``, ``interleaved``, ``rotary_dim``,
+            ``base``, ``learned_freq``, ``scaling``).
+
+    Every check runs before the model is changed: after an error nothing is installed. A pretrained Whisper has
+    never seen rotated queries, keys or embeddings: installing changes its outputs (even with P = I, RoPE itself
+    is new to it), so fine-tune after installing.
+    """
+    _, _, encoder_decoder_cache, modeling_whisper = _transformers()
+    decoder = _decoder(model)
+    if placement not in PLACEMENTS:
+        raise ValueError(
+            f"placement must be one of {PLACEMENTS} (the decoder's self-attention or its token embeddings; HF "
+            f"Whisper has no other), got {placement!r}"
+        )
+    found = installed_placement(model)
+    if found is not None:
+        raise RuntimeError(
+            f"a rotary is already installed in this model (placement={found!r}): call rotary.hf.uninstall(model) "
+            "first"
+        )
+    if "rotary" in decoder._modules or "rotary" in decoder.__dict__:
+        raise RuntimeError(f"the decoder already has an attribute named 'rotary': {getattr(decoder, 'rotary')!r}")
+    if learned_positions is None:
+        learned_positions = placement == "embedding"
+    config = model.config
+    # Built (and validated) before anything is changed; float32 on the decoder's device whatever the model's
+    # dtype: Rotary computes its angles in float32 at least.
+    rot = WhisperRotary(
+        config.d_model, config.decoder_attention_heads, placement=placement,
+        learned_positions=bool(learned_positions), **rotary_options,
+    ).to(decoder.embed_tokens.weight.device)
+    json.dumps(rot.options())  # fail here, not in save_pretrained, on an option config.json cannot hold
+
+    record(config, rot.options())
+    rot.host_config = config
+    decoder.rotary = rot
+    if placement == "attention":
+        for layer in decoder.layers:
+            attn = layer.self_attn
+            attn.forward = _SelfAttentionForward(
+                attn, rot, encoder_decoder_cache, modeling_whisper.ALL_ATTENTION_FUNCTIONS,
+                modeling_whisper.eager_attention_forward,
+            )
+            rot.attention_layers.append(attn)
+    if placement == "embedding" or not learned_positions:
+        decoder.embed_positions.forward = _NoLearnedPositions(decoder.embed_positions)
+    if placement == "embedding" or learned_positions:
+        decoder.register_forward_pre_hook(_DecoderInputs(placement, bool(learned_positions)), with_kwargs=True)
+    if not learned_positions and hasattr(model, "generate"):
+        model.max_target_positions = _NO_CAP  # the labels length check of WhisperForConditionalGeneration.forward
+        model.generate = _UncappedGenerate(model)
+    return model
+
+
+def uninstall(model: nn.Module) -> nn.Module:
+    """Remove what :func:`install` added and restore transformers' own forwards, in place; returns the model.
+
+    The weights are left as they are: a model fine-tuned with a rotary (or folded by :func:`rotary.fold`)
+    computes something else without it.
+    """
+    decoder = _decoder(model)
+    if installed_placement(model) is None:
+        raise ValueError("no rotary is installed in this model (expected one installed by rotary.hf.install)")
+    for layer in decoder.layers:
+        if isinstance(layer.self_attn.__dict__.get("forward"), _SelfAttentionForward):
+            del layer.self_attn.forward
+    if isinstance(decoder.embed_positions.__dict__.get("forward"), _NoLearnedPositions):
+        del decoder.embed_positions.forward
+    for key, hook in list(decoder._forward_pre_hooks.items()):
+        if isinstance(hook, _DecoderInputs):
+            del decoder._forward_pre_hooks[key]
+            decoder._forward_pre_hooks_with_kwargs.pop(key, None)
+    if isinstance(model.__dict__.get("generate"), _UncappedGenerate):
+        del model.generate
+        model.max_target_positions = model.config.max_target_positions
+    del decoder.rotary
+    forget(model.config)
+    return model
+
+
+def installed_placement(model: nn.Module) -> str | None:
+    """``"attention"`` or ``"embedding"`` if :func:`install` put a rotary into ``model``, else None."""
+    rot = _decoder(model)._modules.get("rotary")
+    return rot.placement if isinstance(rot, WhisperRotary) else None
