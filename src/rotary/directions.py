@@ -156,13 +156,59 @@ class Directions(nn.Module):
         if self.separable:  # exact: one product per pair, as the 1-D path forms its angles
             mags = self.magnitudes if scale is None else self.magnitudes * scale.to(self.magnitudes.dtype)
             return pos.index_select(-1, self.pair_axis) * mags
-        w = self.vectors(scale)
+        w = self.vectors(scale)  # (r/2, n) or (H, r/2, n)
         if self.per_head:
-            return torch.einsum("...n,hin->...hi", pos, w)
-        return torch.einsum("...n,in->...i", pos, w)
+            pos = pos.unsqueeze(-2)  # (..., 1, n) against heads
+        return _sum_over_axes(pos, w)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Per-head directions: cos and sin of :meth:`angles` in ``dtype``, ``(..., H, r/2)``, differentiable in
+        ``weight`` through a hand-written backward (``dL/dw = sum r (cos dL/dsin - sin dL/dcos)``, one small
+        matmul) rather than autograd through full-size float64 trigonometry."""
+        if not torch.is_grad_enabled() or not self.weight.requires_grad:
+            angles = self.angles(positions)
+            return angles.cos().to(dtype), angles.sin().to(dtype)
+        return _PerHeadCosSin.apply(self.weight, positions, self.magnitudes.dtype, dtype)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, axes={self.axes}, counts={self.counts}"
+
+
+def _sum_over_axes(pos: Tensor, w: Tensor) -> Tensor:
+    """``sum_a pos[..., a] * w[..., a]`` with pos ``(..., n)`` broadcasting against w ``(..., r/2, n)``."""
+    # at most 3 axes: products accumulated in place, not a matmul with an inner dimension of n (a slow batched
+    # matmul) nor a full-size temporary per axis
+    angles = pos[..., None, 0] * w[..., 0]
+    for a in range(1, w.shape[-1]):
+        angles.addcmul_(pos[..., None, a], w[..., a])
+    return angles
+
+
+class _PerHeadCosSin(torch.autograd.Function):
+    """cos/sin of ``<w_h,i, r>`` (float64 angles) for learned per-head directions; see Directions.cos_sin."""
+
+    @staticmethod
+    def forward(ctx, weight, positions, angle_dtype, dtype):
+        pos = positions.to(angle_dtype)
+        angles = _sum_over_axes(pos.unsqueeze(-2), weight.to(angle_dtype))  # (..., H, r/2)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        ctx.save_for_backward(cos, sin, positions)
+        ctx.weight_dtype = weight.dtype
+        return cos, sin
+
+    @staticmethod
+    def backward(ctx, dcos, dsin):
+        cos, sin, positions = ctx.saved_tensors
+        G = torch.zeros_like(cos)  # dL/dangle
+        if dsin is not None:
+            G.addcmul_(dsin, cos)
+        if dcos is not None:
+            G.addcmul_(dcos, sin, value=-1)
+        n = positions.shape[-1]
+        H, half = cos.shape[-2], cos.shape[-1]
+        pos = positions.to(G.dtype).reshape(-1, n)  # (N, n)
+        dw = (pos.T @ G.reshape(-1, H * half)).T  # (H r/2, n): sum over every position of G * r
+        return dw.reshape(H, half, n).to(ctx.weight_dtype), None, None, None
 
 
 class _TrigGradient(torch.autograd.Function):
@@ -190,9 +236,16 @@ class _TrigGradient(torch.autograd.Function):
             ga, gb = gr.unflatten(-1, (half, 2)).unbind(-1)
         else:
             ya, yb, ga, gb = yr[..., :half], yr[..., half:], gr[..., :half], gr[..., half:]
-        G = (gb * ya).sub_(ga * yb).sum_to_size(cos.shape)
-        norm = cos * cos + sin * sin
-        return g, -sin * G / norm, cos * G / norm, None
+        if y.dim() == cos.dim() + 1 and cos.shape[:-1] == y.shape[1:-1]:
+            # cos/sin broadcast over the batch only: accumulate row by row into one (.., r/2) buffer, which stays
+            # in cache, instead of full-size temporaries reduced at the end
+            G = torch.zeros(cos.shape, dtype=dtype, device=cos.device)
+            for b in range(y.shape[0]):
+                G.addcmul_(gb[b], ya[b]).addcmul_(ga[b], yb[b], value=-1)
+        else:
+            G = (gb * ya).sub_(ga * yb).sum_to_size(cos.shape)
+        G = G / (cos * cos + sin * sin)  # 1 up to rounding unless an attention factor scales cos and sin
+        return g, -sin * G, cos * G, None
 
 
 def trig_gradient(y: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool) -> Tensor:

@@ -619,6 +619,8 @@ class Rotary(nn.Module):
                 flat = index.reshape(-1, index.shape[-1])  # (N, r/2)
                 cos, sin = self.cos_cached.gather(0, flat), self.sin_cached.gather(0, flat)
                 return cos.view(index.shape), sin.view(index.shape)
+        if d.per_head:
+            return d.cos_sin(positions, cdtype)  # no attention factor: N-D takes no scaling
         return self._scaled_cos_sin(d.angles(positions, self._freq_scale()), cdtype)
 
     def extra_repr(self) -> str:
