@@ -9,7 +9,8 @@ interleaved or half pairs, every mixing, learned frequencies, every scaling sche
   module's own frequencies and P), within the dtype's rounding; gradients (input and parameters) too;
 - ``rotary.apply_rotary`` equals ``rotary.apply_rotary_reference``;
 - attention scores depend only on relative position;
-- decoding token by token (``forward`` and ``rotate_qk`` with a growing key cache) equals the full sequence.
+- decoding token by token (``forward`` and ``rotate_qk`` with a growing key cache) equals the full sequence;
+- N-D positions (``axes`` 2 or 3, every ``directions`` kind) equal ``rotary.reference.rotary_nd_reference``.
 
 Profiles (``ROTARY_HYPOTHESIS=<name>``): ``ci`` (default: derandomized, so every run tries the same cases),
 ``dev`` (random, more examples) and ``thorough`` (many more, for a local hunt:
@@ -34,6 +35,7 @@ from hypothesis import strategies as st
 
 import rotary
 from rotary import Rotary, apply_rotary, apply_rotary_reference, rotary_reference
+from rotary.reference import rotary_nd_reference
 
 settings.register_profile("ci", derandomize=True, max_examples=120, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)
@@ -354,6 +356,75 @@ def test_incremental_equals_full(drawn):
         _check(q_t, q_full[:, t : t + 1].double(), tol[:, t : t + 1], f"rotate_qk query at step {t}")
         _check(k_t, k_full[:, : t + 1].double(), 4 * EPS[torch.float32] * m.head_dim * k[:, : t + 1].double().norm(
             dim=-1, keepdim=True), f"rotate_qk keys at step {t}")
+
+
+@st.composite
+def nd_modules(draw) -> Rotary:
+    axes = draw(st.sampled_from([2, 3]))
+    head_dim = draw(st.integers(2 * axes, 10))
+    heads = draw(st.sampled_from([1, 2, 3]))
+    rotary_dim = draw(st.sampled_from([None, *range(2 * axes, head_dim + 1, 2)]))
+    pairs = (rotary_dim or head_dim - head_dim % 2) // 2
+    kind = draw(st.sampled_from(["axial", "sections", "oblique", "mixed"]))
+    sections = None
+    if kind == "sections":  # any split of the pairs among the axes, each axis at least one pair
+        cuts = sorted(draw(st.lists(st.integers(1, pairs - 1), min_size=axes - 1, max_size=axes - 1, unique=True)))
+        sections = [b - a for a, b in zip([0, *cuts], [*cuts, pairs])]
+    mixings = [None, "givens", "orthogonal"] + (["quaternion"] if head_dim % 3 == 0 else [])
+    m = Rotary(head_dim * heads, heads, mixing=draw(st.sampled_from(mixings)), interleaved=draw(st.booleans()),
+               rotary_dim=rotary_dim, axes=axes, directions=kind, sections=sections,
+               learned_freq=kind != "mixed" and draw(st.booleans()))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    with torch.no_grad():  # trained-looking parameters
+        for name, p in m.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.05 if "freq" in name else 0.5))
+    return m
+
+
+@PROFILE
+@given(nd_modules(), st.sampled_from(DTYPES), st.integers(1, 3), st.integers(0, 5),
+       st.sampled_from(["positionsT", "positionsBT", "float", "offset"]), st.sampled_from(["BTHD", "BHTD", "3D"]),
+       st.sampled_from([0, 7, 3000]), st.booleans())
+def test_nd_positions_equal_the_float64_reference(m, dtype, B, T, kind, layout, start, grouped):
+    """Forward and rotate_qk at N-D positions, pair i of head h turning by <w_i, r>, against the reference."""
+    n = m.axes
+    g = torch.Generator().manual_seed(T + start)
+    if kind == "offset":  # token t at offset + t on every axis (text tokens in M-RoPE)
+        where, pos = {"offset": start}, (start + torch.arange(T, dtype=torch.float64))[:, None].expand(T, n)
+    elif kind == "float":
+        pos = start + 0.5 * torch.randint(0, 40, (B, T, n), generator=g).float()
+        where = {"positions": pos}
+    else:
+        shape = (T, n) if kind == "positionsT" else (B, T, n)
+        pos = start + torch.randint(0, 40, shape, generator=g)
+        where = {"positions": pos}
+    kv = 1 if grouped and m.direction_kind != "mixed" else m.heads
+    case = Case(m, dtype, B, kv, layout, where, torch.zeros(B, T))
+    heads = m.heads if layout == "3D" else kv
+    x = _make(case, T, heads, g)
+    note(f"{m!r} dtype={dtype} B={B} T={T} kv={kv} layout={layout} where={where}")
+    y = m(x, **({} if layout == "3D" else {"layout": layout}), **where)
+    x4 = _as_bthd(x, case, heads)
+    vectors = m.frequencies().detach()
+    if vectors.dim() == 3 and heads != m.heads:
+        vectors = vectors[:heads]
+    ref = rotary_nd_reference(x4, pos, vectors, interleaved=m.interleaved, mixing=m.mixing_matrix(torch.float64))
+    _check(_as_bthd(y, case, heads), ref, _tolerance(ref, x4, case), "N-D forward")
+    if m.direction_kind == "mixed" and m.heads > 1:  # per-head directions: keys need every head
+        k1 = torch.randn(B, 1, T, m.head_dim).to(dtype)
+        with pytest.raises(ValueError, match="grouped-query keys"):
+            m.rotate_qk(torch.randn(B, m.heads, T, m.head_dim).to(dtype), k1, **where)
+    qk_layout = "BTHD" if layout == "BTHD" else "BHTD"
+    q = _make(Case(m, dtype, B, m.heads, qk_layout, where, case.rows), T, m.heads, g)
+    k = _make(Case(m, dtype, B, kv, qk_layout, where, case.rows), T, kv, g)
+    q_rot, k_rot = m.rotate_qk(q, k, layout=qk_layout, **where)
+    qc = Case(m, dtype, B, kv, qk_layout, where, case.rows)
+    for got, inp, h, what in ((q_rot, q, m.heads, "queries"), (k_rot, k, kv, "keys")):
+        x4 = _as_bthd(inp, qc, h)
+        w = m.frequencies().detach()
+        w = w[:h] if w.dim() == 3 else w
+        ref = rotary_nd_reference(x4, pos, w, interleaved=m.interleaved, mixing=m.mixing_matrix(torch.float64))
+        _check(_as_bthd(got, qc, h), ref, _tolerance(ref, x4, qc), f"N-D rotate_qk {what}")
 
 
 def test_profiles_are_registered():
