@@ -126,18 +126,41 @@ def test_incremental_equals_full(feats, drift, placement, learned):
     assert cache.self_attention_cache.get_seq_length(0) == 12
 
 
-def test_cache_holds_rotated_keys(feats):
-    """Each step rotates only the new key: the cached keys are k_proj outputs already rotated at their positions."""
-    model = _installed("attention")
-    ids = torch.randint(4, 96, (2, 6), generator=torch.Generator().manual_seed(3))
-    _, cache = _decode_with_cache(model, feats, ids, prompt=3)
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 6}
+
+
+@pytest.mark.parametrize("scaling", [None, DYNAMIC])
+def test_cache_holds_rotated_keys(feats, drift, scaling):
+    """Each step rotates only the new query and key: the cache holds k_proj outputs already rotated at their
+    positions. Under length-dependent scaling it holds them unrotated, and each step rotates all of them at the
+    current length."""
+    model = _installed("attention", scaling=scaling)
+    rot = model.model.decoder.rotary
+    ids = torch.randint(4, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    rows = []
+
+    def counting(q, k, **kwargs):  # records how many keys each call rotates
+        rows.append(k.shape[1] if kwargs.get("layout") == "BTHD" else k.shape[2])
+        return type(rot).rotate_qk(rot, q, k, **kwargs)
+
+    rot.rotate_qk = counting
+    steps, cache = _decode_with_cache(model, feats, ids, prompt=3)
+    del rot.rotate_qk
+    # Dynamic NTK moves every angle once the length passes 6: then no full forward equals cached decoding (the
+    # deeper layers' cached keys and values came from shallower ones at shorter lengths; transformers' own dynamic
+    # RoPE behaves alike). Up to that length both paths must agree.
+    agree = 9 if scaling is None else DYNAMIC["original_max_position_embeddings"]
+    full = _logits(model, feats, ids[:, :agree])
+    assert (steps[:, :agree] - full).abs().max().item() <= drift
+    per_call = [3] + [1] * 6 if scaling is None else list(range(3, 10))
+    assert rows == [n for n in per_call for _ in model.model.decoder.layers]
     layer = model.model.decoder.layers[0]
     with torch.no_grad():
         h = layer.self_attn_layer_norm(model.model.decoder.embed_tokens(ids))  # layer 0's self-attention input
         k = layer.self_attn.k_proj(h).unflatten(-1, (4, 16))  # (B, T, H, D)
-        expected = model.model.decoder.rotary(k).transpose(1, 2)  # (B, H, T, D) at positions 0..5
-    cached = cache.self_attention_cache.layers[0].keys
-    assert (cached - expected).abs().max().item() <= 1e-5
+        rotated = model.model.decoder.rotary(k).transpose(1, 2)  # (B, H, T, D) at positions 0..8
+    expected = rotated if scaling is None else k.transpose(1, 2)
+    assert (cache.self_attention_cache.layers[0].keys - expected).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)

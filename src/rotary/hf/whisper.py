@@ -14,7 +14,10 @@ those of :func:`rotary.whisper.install` (openai-whisper). What changes, and noth
 - attention placement: the ``forward`` of every decoder *self*-attention is replaced (an instance attribute) by
   transformers' ``WhisperAttention.forward`` for self-attention with q and k rotated at their absolute positions
   *before* the key cache is updated: HF's ``EncoderDecoderCache`` then holds rotated keys, and each decode step
-  rotates only the new query and key (per-step cost independent of the cached length). Positions are the
+  rotates only the new query and key (per-step cost independent of the cached length). Exception: under
+  length-dependent scaling (``scaling`` dynamic or longrope) every angle moves as the sequence grows, so the
+  cache keeps unrotated keys and each step rotates all of them at the current length (exact, O(cached) per
+  step). Positions are the
   cache's: the first new token sits at ``cache.self_attention_cache.get_seq_length(layer_idx)``. In left-padded
   batches a row is thereby shifted by its pad count, which changes no score (RoPE scores depend only on
   relative position, and padded keys are masked). Cross-attention, values and the encoder are never touched.
@@ -82,6 +85,8 @@ class WhisperRotary(Rotary):
         self.scaling_options = rotary_options.get("scaling")
         self.attention_layers: list[nn.Module] = []  # plain references, not submodules: transformers owns them
         self.host_config = None  # the model's config, whose install record a fold updates
+        # keys can be cached rotated unless every angle moves with the sequence length (dynamic NTK, LongRoPE)
+        self.caches_rotated_keys = not self._length_dependent
 
     def options(self) -> dict:
         """The keyword arguments of :func:`install` that rebuild this rotary (after a fold: ``mixing=None``)."""
@@ -176,12 +181,20 @@ class _SelfAttentionForward:
         v = a.v_proj(hidden_states).view(hidden_shape).transpose(1, 2).contiguous()  # (B, H, T, D)
         if isinstance(cache, self.encoder_decoder_cache):
             cache = cache.self_attention_cache
-        offset = cache.get_seq_length(a.layer_idx) if cache is not None else 0  # a Python int: no host sync
-        # Rotated in (B, T, H, D), the projections' own buffers, then laid out (B, H, T, D) as transformers does.
-        q, k = self.rotary.rotate_qk(q, k, offset=offset, layout="BTHD")
-        q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
-        if cache is not None:
-            k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)  # rotated keys go into the cache
+        if self.rotary.caches_rotated_keys:
+            offset = cache.get_seq_length(a.layer_idx) if cache is not None else 0  # a Python int: no host sync
+            # Rotated in (B, T, H, D), the projections' own buffers, then laid out (B, H, T, D) as transformers does.
+            q, k = self.rotary.rotate_qk(q, k, offset=offset, layout="BTHD")
+            q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+            if cache is not None:
+                k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)  # rotated keys go into the cache
+        else:
+            # Length-dependent scaling moves every angle as the sequence grows: cache unrotated keys and rotate
+            # them all, at positions 0 .. Tk-1 and the current length, with the queries at the last Tq.
+            q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+            if cache is not None:
+                k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)
+            q, k = self.rotary.rotate_qk(q, k)
         attention = self.attention_functions.get_interface(a.config._attn_implementation, self.eager)
         out, weights = attention(
             a, q, k, v, attention_mask,
