@@ -14,7 +14,6 @@
 - Second derivatives (``create_graph=True``, e.g. gradient penalties): correct, checked with ``gradgradcheck``
   in float64, through the hand-written backward too.
 
-Tests marked ``xfail(strict=True)`` are where the core does not (yet) do what is stated; each says what happens.
 """
 
 from __future__ import annotations
@@ -45,10 +44,6 @@ def _reference(m: Rotary, x4: torch.Tensor, positions: torch.Tensor) -> torch.Te
 
 # ------------------------------------------------------------------------------------------------ empty
 EMPTY = [(0, 5, 2, 8), (3, 0, 2, 8), (0, 0, 2, 8)]
-GIVENS_EMPTY_BACKWARD = pytest.mark.xfail(
-    strict=True, raises=IndexError,
-    reason="core bug: backward of an empty batch or sequence with Givens mixing raises IndexError in "
-           "rotary.functional._blocks (x[0, 0] on an empty tensor)")
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
@@ -68,7 +63,7 @@ def test_empty_batch_or_sequence(mixing, shape, offset):
     assert q_rot.shape == q.shape and k_rot.shape == (shape[0], 1, shape[1], 8)
 
 
-@pytest.mark.parametrize("mixing", [None, pytest.param("givens", marks=GIVENS_EMPTY_BACKWARD), "orthogonal"])
+@pytest.mark.parametrize("mixing", [None, "givens", "orthogonal"])
 @pytest.mark.parametrize("shape", EMPTY)
 def test_empty_backward(mixing, shape):
     m = _module(mixing)
@@ -146,11 +141,8 @@ DENSE = ("orthogonal", "quaternion")
 
 
 def _same(a: torch.Tensor, b: torch.Tensor, mixing) -> None:
-    """Bit for bit; with a dense P within one float32 rounding (see the xfail below)."""
-    if mixing in DENSE:
-        torch.testing.assert_close(a, b, atol=float(ulp(b.detach().double(), torch.float32).max()), rtol=0)
-    else:
-        assert torch.equal(a, b)
+    """Bit for bit, every mixing (a dense P multiplies a contiguous copy, so strides cannot change its rounding)."""
+    assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("strides", STRIDES)
@@ -175,9 +167,6 @@ def test_non_contiguous_inputs_equal_contiguous(mixing, strides, interleaved):
     _same(kr, kc, mixing)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: with a dense P (orthogonal, quaternion) a sequence-major "
-                   "(T, B, C) input gives results up to 3.6e-7 (one float32 ulp) away from its contiguous copy: "
-                   "x @ P.T rounds differently for those strides (None and givens are bit-exact)")
 def test_dense_mixing_sequence_major_input_equals_contiguous_bit_for_bit():
     m = Rotary(16, 2, mixing="orthogonal")
     g = torch.Generator().manual_seed(0)
@@ -207,8 +196,6 @@ def _strided_tables():
     return x, cos, sin, cos_t, sin_t
 
 
-@pytest.mark.xfail(strict=True, reason="core bug: apply_rotary with both x and cos/sin non-contiguous rounds "
-                   "differently (up to 2.4e-7 here, one float32 ulp) from the contiguous copies")
 def test_non_contiguous_x_and_tables_together_equal_contiguous():
     x, cos, sin, cos_t, sin_t = _strided_tables()
     assert torch.equal(apply_rotary(x, cos_t, sin_t), apply_rotary(x.contiguous(), cos, sin))
@@ -234,10 +221,6 @@ def test_inference_mode_tensors(mixing):
     assert xg.grad is not None and all(p.grad is not None for p in m.parameters())
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="core bug: an eager forward under torch.inference_mode() past the cos/sin table rebuilds "
-                   "the table (cos_cached/sin_cached) as inference tensors; every later training forward, at any "
-                   "position, then raises 'Inference tensors cannot be saved for backward' (even with mixing=None)")
 @pytest.mark.parametrize("mixing", [None, "givens"])
 def test_training_after_the_table_grew_under_inference_mode(mixing):
     m = _module(mixing)
@@ -249,16 +232,10 @@ def test_training_after_the_table_grew_under_inference_mode(mixing):
 
 
 # ------------------------------------------------------------------------------------------------ second order
-FAST_PATH_DOUBLE_BACKWARD = pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="core bug: double backward (create_graph=True) through the hand-written kernel (_Rotary, used when "
-           "cos/sin need no grad, i.e. without learned frequencies) raises torch's internal 'mul(): functions "
-           "with out=... arguments don't support automatic differentiation' instead of a clear error or correct "
-           "second derivatives")
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
-@pytest.mark.parametrize("learned_freq", [pytest.param(False, marks=FAST_PATH_DOUBLE_BACKWARD), True])
+@pytest.mark.parametrize("learned_freq", [False, True])
 @pytest.mark.parametrize("offset", [3, "tensor"])
 def test_second_derivatives(mixing, learned_freq, offset):
     """create_graph=True through the fast path: gradgradcheck in float64, input and parameters."""

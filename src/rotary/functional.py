@@ -125,6 +125,8 @@ class _Rotary(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: second derivatives need a differentiable backward
+            return _Rotary._differentiable_backward(ctx, grad)
         cos, sin, x, c, s, partner = ctx.saved_tensors
         cdtype = compute_dtype(ctx.x_dtype)
         g = grad.to(cdtype).contiguous()
@@ -163,6 +165,22 @@ class _Rotary(torch.autograd.Function):
         return out.to(ctx.x_dtype), None, None, None, grad_c, grad_s, None, None
 
 
+    @staticmethod
+    def _differentiable_backward(ctx, grad):
+        """The same gradients as plain differentiable ops (gradient penalties, ``gradgradcheck``): ``R^T g``, and
+        with Givens mixing the vector-Jacobian product of the composed forward, built on the saved inputs."""
+        cos, sin, x, c, s, partner = ctx.saved_tensors
+        none = (None, None, None)
+        if c is None:  # R^T g: linear in g, and independent of x
+            gx = _rotary_composed(grad, cos, -sin, ctx.interleaved, None, None, None, ctx.x_dtype)
+            return gx, None, None, None, *none, None
+        with torch.enable_grad():
+            leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in (x, c, s)]
+            y = _rotary_composed(leaves[0], cos, sin, ctx.interleaved, leaves[1], leaves[2], partner, grad.dtype)
+            gx, gc, gs = torch.autograd.grad(y, leaves, grad, create_graph=True)
+        return gx.to(ctx.x_dtype), None, None, None, gc, gs, None, None
+
+
 # The Givens backward runs block by block: each block's gather and seven passes then hit cache, and its
 # temporaries are small reused buffers rather than full-size allocations (on CPU, a fresh full-size buffer costs
 # more in page faults than its passes cost in arithmetic). On accelerators one block covers everything.
@@ -173,7 +191,7 @@ def _blocks(x: Tensor, cos: Tensor):
     """``(x_index, cos_index)`` pairs tiling x ``(B, T, ...)`` along its first two dims; cos must have x's rank
     (size-1 dims broadcast) and is indexed alike, keeping its size-1 dims whole."""
     cos_shape = list(cos.shape)
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.numel() == 0:  # (an empty x: one empty block)
         yield (Ellipsis,), (Ellipsis,)
         return
     step = max(1, _CPU_BLOCK // max(1, x[0, 0].numel()))
@@ -242,4 +260,6 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = Tru
         )
     if not 1 <= cos.shape[-1] <= D // 2:
         raise ValueError(f"cos/sin last dim r/2 must be in [1, head_dim/2 = {D // 2}], got {cos.shape[-1]}")
+    # small tables made contiguous: the kernel then rounds the same whatever the tables' strides were
+    cos, sin = cos.contiguous(), sin.contiguous()
     return rotate(x, cos.unsqueeze(-2), sin.unsqueeze(-2), interleaved=interleaved)

@@ -52,7 +52,7 @@ class _Mixing(nn.Module):
         return self.matrix(torch.float32)
 
     def _apply_parts(self, x: Tensor, P) -> Tensor:
-        return x @ P.T
+        return x.contiguous() @ P.T  # contiguous, as the general path does: the same roundings
 
 
 def default_planes(head_dim: int, rope_pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:

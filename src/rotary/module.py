@@ -20,6 +20,7 @@ _INITIAL_TABLE = 2048  # rows of the cos/sin table built at construction; it dou
 _MAX_TABLE = 1 << 17  # the table never grows past this (8 MiB per 16 pairs); later positions are computed directly
 LAYOUTS = ("BTHD", "BHTD")  # 4-D layouts: (batch, seq, heads, head_dim) or (batch, heads, seq, head_dim)
 _INFERENCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class Rotary(nn.Module):
@@ -153,6 +154,10 @@ class Rotary(nn.Module):
         return self.scaling is not None and self.scaling.depends_on_length
 
     def _build_tables(self, length: int, device) -> None:
+        with torch.inference_mode(False):  # growing under inference_mode must not leave inference tensors behind
+            self._fill_tables(length, device)
+
+    def _fill_tables(self, length: int, device) -> None:
         positions = torch.arange(length, device=device, dtype=angle_dtype(device))
         angles = rotary_angles(positions, self._base_freqs(device))
         self.cos_cached, self.sin_cached = self._scaled_cos_sin(angles, torch.float32)
@@ -357,23 +362,19 @@ class Rotary(nn.Module):
             if not 0 <= offset <= table.shape[0] - T:
                 return None  # the general path grows the table or computes these rows
             cis = table[offset : offset + T]  # (T, r/2)
-        elif (
-            isinstance(offset, Tensor)
-            and offset.shape == (x4.shape[0],)
-            and not (offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool)
-        ):
+        elif isinstance(offset, Tensor) and offset.dtype in _INDEX_DTYPES and offset.shape == (x4.shape[0],):
             B = x4.shape[0]
-            index = offset.view(B, 1) if T == 1 else offset.view(B, 1) + torch.arange(T, device=offset.device)
+            index = offset if T == 1 else (offset.view(B, 1) + torch.arange(T, device=offset.device)).view(-1)
             if table.device.type == "cpu":
                 try:  # index_select checks the range itself on CPU: no separate bounds pass
-                    cis = table.index_select(0, index.view(-1)).view(B, T, -1)  # (B, T, r/2)
+                    cis = table.index_select(0, index).view(B, T, -1)  # (B, T, r/2)
                 except (IndexError, RuntimeError):
                     return None
             else:  # on accelerators a bad index is an asynchronous device assert: check first (one sync)
                 lo, hi = torch.aminmax(index)
                 if int(lo) < 0 or int(hi) >= table.shape[0]:
                     return None
-                cis = table[index.to(table.device)]
+                cis = table[index.to(table.device)].view(B, T, -1)
         else:
             return None
         if time_dim == 1:
@@ -419,7 +420,8 @@ class Rotary(nn.Module):
             return rotate(x, cos, sin, interleaved=self.interleaved, givens=mixing.coefficients(x.dtype))
         if mixing is not None:  # dense P: one small matmul in float32+, rounded once after RoPE
             P = mixing.matrix(x.dtype)
-            return rotate(x.to(P.dtype) @ P.T, cos, sin, interleaved=self.interleaved, out_dtype=x.dtype)
+            # contiguous first: a matmul's rounding depends on its input's strides, the result should not
+            return rotate(x.to(P.dtype).contiguous() @ P.T, cos, sin, interleaved=self.interleaved, out_dtype=x.dtype)
         return rotate(x, cos, sin, interleaved=self.interleaved)
 
     # ----------------------------------------------------------------------------------------- inputs
