@@ -97,9 +97,27 @@ def test_identity_install_equals_stock_at_position_0(feats, attn):
     model = rotary.hf.install(copy.deepcopy(stock), placement="attention", learned_positions=True)
     ids = torch.tensor([[2], [5]])
     assert (_logits(model, feats, ids) - _logits(stock, feats, ids)).abs().max().item() <= 1e-6
-    # and through the cache, one more step: same code path as generate's first two steps
-    stock_steps, _ = _decode_with_cache(stock, feats, ids, prompt=1)
-    model_steps, _ = _decode_with_cache(model, feats, ids, prompt=1)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_copied_attention_body_equals_stock_with_the_rotation_off(feats, attn):
+    """The replaced self-attention forward with rotate_qk made the identity computes stock's attention on every
+    path: longer inputs, left padding with a decoder attention mask, the cache, returned attention weights."""
+    stock = _stock(attn_implementation=attn)
+    model = rotary.hf.install(copy.deepcopy(stock), placement="attention", learned_positions=True)
+    model.model.decoder.rotary.rotate_qk = lambda q, k, **kwargs: (q, k)  # an instance attribute, this test only
+    ids = torch.randint(4, 96, (2, 7), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # row 0 left-padded by 2
+    with torch.no_grad():
+        for kwargs in ({}, {"decoder_attention_mask": mask}):
+            a = stock(feats, decoder_input_ids=ids, output_attentions=True, **kwargs)
+            b = model(feats, decoder_input_ids=ids, output_attentions=True, **kwargs)
+            assert (a.logits - b.logits).abs().max().item() <= 1e-6
+            for x, y in zip(a.decoder_attentions, b.decoder_attentions):
+                assert x is not None and (x - y).abs().max().item() <= 1e-6
+    stock_steps, _ = _decode_with_cache(stock, feats, ids, prompt=3)
+    model_steps, _ = _decode_with_cache(model, feats, ids, prompt=3)
     assert (stock_steps - model_steps).abs().max().item() <= 1e-6
 
 

@@ -82,7 +82,8 @@ class WhisperRotary(Rotary):
     def __init__(self, dims: int, heads: int, *, placement: str, learned_positions: bool, **rotary_options):
         super().__init__(dims, heads, **rotary_options)
         self.placement, self.learned_positions = placement, learned_positions
-        self.scaling_options = rotary_options.get("scaling")
+        # as config.json will hold it (lists, not tuples), so that a reloaded record compares equal
+        self.scaling_options = json.loads(json.dumps(rotary_options.get("scaling")))
         self.attention_layers: list[nn.Module] = []  # plain references, not submodules: transformers owns them
         self.host_config = None  # the model's config, whose install record a fold updates
         # keys can be cached rotated unless every angle moves with the sequence length (dynamic NTK, LongRoPE)
@@ -332,7 +333,6 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
         config.d_model, config.decoder_attention_heads, placement=placement,
         learned_positions=bool(learned_positions), **rotary_options,
     ).to(decoder.embed_tokens.weight.device)
-    json.dumps(rot.options())  # fail here, not in save_pretrained, on an option config.json cannot hold
 
     record(config, rot.options())
     rot.host_config = config
@@ -349,7 +349,7 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
         decoder.embed_positions.forward = _NoLearnedPositions(decoder.embed_positions)
     if placement == "embedding" or learned_positions:
         decoder.register_forward_pre_hook(_DecoderInputs(placement, bool(learned_positions)), with_kwargs=True)
-    if not learned_positions and hasattr(model, "generate"):
+    if not learned_positions and isinstance(model, _transformers()[0]):
         model.max_target_positions = _NO_CAP  # the labels length check of WhisperForConditionalGeneration.forward
         model.generate = _UncappedGenerate(model)
     return model
