@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.tokens > 447:
-        parser.error(f"--tokens must be in [1, 447] (stock Whisper's learned table has 448 positions), got {args.tokens}")
+        parser.error(f"--tokens must be in [1, 447] (stock Whisper's table has 448 positions), got {args.tokens}")
 
     torch.manual_seed(args.seed)  # the models' random weights
     print(f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "

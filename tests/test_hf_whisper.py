@@ -1,4 +1,4 @@
-"""rotary.hf.whisper against the real transformers package: a tiny random Whisper, synthetic log-mel input, no downloads."""
+"""rotary.hf.whisper against the real transformers package: a tiny random Whisper, synthetic log-mel, no downloads."""
 
 import copy
 import pickle
@@ -343,7 +343,8 @@ def test_fold_attention_placement(feats):
     assert rot.mixing is None and hw.installed_placement(model) == "attention"  # the RoPE itself stays
     assert model.config.rotary["mixing"] is None  # a reload must not bring P back
     assert not torch.equal(q_before, model.model.decoder.layers[0].self_attn.q_proj.weight)
-    assert model.model.decoder.layers[0].encoder_attn.q_proj.weight.equal(_stock().model.decoder.layers[0].encoder_attn.q_proj.weight)
+    cross = model.model.decoder.layers[0].encoder_attn.q_proj.weight
+    assert cross.equal(_stock().model.decoder.layers[0].encoder_attn.q_proj.weight)  # cross-attention untouched
     folded = _logits(model, feats, ids)
     assert (folded - expected).abs().max().item() <= _tol(expected, 256)
     steps, _ = _decode_with_cache(model, feats, ids, prompt=4)
@@ -373,6 +374,9 @@ def test_save_pretrained_and_reload_bit_identical(tmp_path, feats, placement):
         assert torch.equal(value, loaded.state_dict()[key]), key
     ids = torch.randint(4, 96, (2, 8))
     assert torch.equal(_logits(model, feats, ids), _logits(loaded, feats, ids))
+    expected = {**model.config.rotary, "learned_positions": not model.config.rotary["learned_positions"]}
+    with pytest.raises(ValueError, match="rotary configuration mismatch: expected .* found"):
+        rotary.hf.from_pretrained(WhisperForConditionalGeneration, tmp_path, rotary=expected)
 
 
 def test_folded_model_reloads_without_mixing(tmp_path, feats):

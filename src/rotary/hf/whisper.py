@@ -8,7 +8,7 @@ those of :func:`rotary.whisper.install` (openai-whisper). What changes, and noth
 
 - ``decoder.rotary``: one :class:`WhisperRotary` for the whole decoder, a registered submodule, so its parameters
   are in ``named_parameters()`` and ``state_dict()`` (``model.decoder.rotary.*``), with its configuration as an
-  extra-state entry (``..._extra_state``) that every load path checks.
+  extra-state entry (``..._extra_state``) that ``load_state_dict`` checks.
 - ``model.config.rotary``: the install options (the record of :mod:`rotary.hf`), so that ``config.json`` carries
   them; a fold sets its ``mixing`` to None.
 - attention placement: the ``forward`` of every decoder *self*-attention is replaced (an instance attribute) by
@@ -16,11 +16,11 @@ those of :func:`rotary.whisper.install` (openai-whisper). What changes, and noth
   *before* the key cache is updated: HF's ``EncoderDecoderCache`` then holds rotated keys, and each decode step
   rotates only the new query and key (per-step cost independent of the cached length). Exception: under
   length-dependent scaling (``scaling`` dynamic or longrope) every angle moves as the sequence grows, so the
-  cache keeps unrotated keys and each step rotates all of them at the current length (exact, O(cached) per
-  step). Positions are the
-  cache's: the first new token sits at ``cache.self_attention_cache.get_seq_length(layer_idx)``. In left-padded
-  batches a row is thereby shifted by its pad count, which changes no score (RoPE scores depend only on
-  relative position, and padded keys are masked). Cross-attention, values and the encoder are never touched.
+  cache keeps unrotated keys and each step rotates all of them at the current length (O(cached) per step).
+  Positions are the cache's: the first new token sits at ``cache.self_attention_cache.get_seq_length(layer_idx)``.
+  In left-padded batches a row is thereby shifted by its pad count, which changes no score (RoPE scores depend
+  only on relative position, and padded keys are masked). Cross-attention, values and the encoder are never
+  touched.
 - embedding placement: a forward pre-hook on the decoder embeds the tokens, adds the learned table (if kept) and
   rotates the sum at ``position_ids`` (the decoder's own positions, per row), then hands the decoder
   ``inputs_embeds``; the decoder's dropout and blocks follow as in stock.
@@ -34,8 +34,8 @@ those of :func:`rotary.whisper.install` (openai-whisper). What changes, and noth
   ``max_target_positions // 2``, is then lifted as well).
 
 Saving and reloading, bit-identical: ``model.save_pretrained(path)``, then ``rotary.hf.from_pretrained(
-WhisperForConditionalGeneration, path)`` (it reinstalls from ``config.rotary``). Loading a state_dict (Trainer's
-resume included) into a model installed with other options is a clear error naming both.
+WhisperForConditionalGeneration, path)`` (it reinstalls from ``config.rotary``). Loading a state_dict, strict or
+not, into a model installed with other options is a clear error naming both.
 :func:`uninstall` removes everything install added; :func:`rotary.fold` folds P into the decoder self-attention
 ``q_proj``/``k_proj`` (the RoPE stays installed: HF Whisper has none of its own).
 
@@ -108,7 +108,7 @@ class WhisperRotary(Rotary):
         return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        found = extra_state_options(state)
+        found = _extra_state_options(state)
         if found != self.options():
             raise ValueError(
                 f"this checkpoint's rotary was installed with {found}, but this model's with {self.options()}: "
@@ -134,15 +134,15 @@ class WhisperRotary(Rotary):
         return action
 
 
-def extra_state_options(state) -> dict:
+def _extra_state_options(state) -> dict:
     """The install options recorded in a :class:`WhisperRotary` extra-state tensor."""
     try:
-        record = json.loads(bytes(state.tolist()).decode())
-        if record.pop("format") != _EXTRA_STATE_FORMAT:
+        options = json.loads(bytes(state.tolist()).decode())
+        if options.pop("format") != _EXTRA_STATE_FORMAT:
             raise ValueError
     except (AttributeError, TypeError, ValueError, KeyError) as error:
         raise ValueError(f"not a rotary.hf.whisper rotary record (expected {_EXTRA_STATE_FORMAT!r})") from error
-    return record
+    return options
 
 
 class _SelfAttentionForward:
