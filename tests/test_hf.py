@@ -23,6 +23,8 @@ _CONFIGS = {
     "qwen3": transformers.Qwen3Config,
     "mistral": transformers.MistralConfig,
     "gemma": transformers.GemmaConfig,
+    "olmo2": transformers.Olmo2Config,  # q/k norms over all heads at once, before the heads are split
+    "stablelm": transformers.StableLmConfig,  # partial rotary: RoPE on half of each head, built below
 }
 VOCAB = 97
 
@@ -37,6 +39,8 @@ def tiny(kind="llama", attn="eager", **overrides):
         intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1,
         attn_implementation=attn, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
+    if kind == "stablelm":
+        options["partial_rotary_factor"] = 0.5
     options.update(overrides)
     model = transformers.AutoModelForCausalLM.from_config(_CONFIGS[kind](**options)).eval()
     with torch.no_grad():
@@ -111,7 +115,7 @@ def test_identity_install_equals_stock(kind, attn):
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "olmo2", "stablelm"])
 def test_random_p_equals_weights_multiplied_by_hand(kind, per_layer):
     stock = tiny(kind)
     model = randomize(rotary.hf.install(copy.deepcopy(stock), per_layer=per_layer))
@@ -146,7 +150,7 @@ def test_training_updates_p_and_gradient_checkpointing_agrees():
     stock = tiny(attn="sdpa")
     models = [randomize(rotary.hf.install(copy.deepcopy(stock))) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    models[1].gradient_checkpointing_enable()
+    models[1].activation_checkpointing_enable()
     ids = tokens()
     grads = []
     for model in models:
@@ -159,9 +163,11 @@ def test_training_updates_p_and_gradient_checkpointing_agrees():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
 
 
-def test_learned_frequencies_start_at_the_models_angles_and_train():
-    stock = tiny()
+@pytest.mark.parametrize("kind", ["llama", "stablelm"])
+def test_learned_frequencies_start_at_the_models_angles_and_train(kind):
+    stock = tiny(kind)
     model = rotary.hf.install(copy.deepcopy(stock), learned_freq=True)
+    assert model.model.rotary.rotary_dim == (8 if kind == "stablelm" else 16)  # partial rotary kept
     ids = tokens()
     # transformers forms the angles in float32, rotary in float64: a few float32 ulps apart at these positions
     assert max_diff(logits(model, ids), logits(stock, ids)) <= 1e-5
@@ -249,12 +255,13 @@ def test_compile_adds_no_graph_breaks(options, fresh_dynamo):
 
 # --------------------------------------------------------------------------------------------- fold, ship
 @pytest.mark.parametrize(
-    "kind, per_layer", [("llama", False), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("gemma", True)]
+    "kind, per_layer",
+    [("llama", False), ("qwen2", False), ("qwen2", True), ("qwen3", False), ("gemma", True), ("olmo2", False)],
 )
 def test_fold_then_stock_from_pretrained_gives_the_trained_logits(kind, per_layer, tmp_path):
     stock = tiny(kind)
     model = randomize(rotary.hf.install(copy.deepcopy(stock), per_layer=per_layer))
-    if kind == "qwen3":  # P folds through q_norm/k_norm only while their weight is uniform: train them frozen
+    if kind in ("qwen3", "olmo2"):  # P folds through q/k norms only while their weight is uniform: freeze them
         for layer in model.model.layers:
             for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
                 norm.weight.data.fill_(1.5)
@@ -398,3 +405,12 @@ def test_norm_hook_is_what_acts_in_qwen3():
     model = randomize(rotary.hf.install(tiny("qwen3")))
     attn = model.model.layers[0].self_attn
     assert len(attn.q_norm._forward_hooks) == 1 and "forward" not in attn.q_proj.__dict__
+
+
+def test_speed_benchmark_runs():
+    from rotary.bench.hf_speed import measure
+
+    result = measure(layers=1, hidden=32, heads=2, kv_heads=1, vocab=64, batch=1, seq=8, prompt=4, new_tokens=3,
+                     repeats=1, warmup=0)
+    assert set(result["ratios"]) >= {"train_installed_over_stock", "generate_folded_over_stock"}
+    assert all(r > 0 for r in result["ratios"].values())
