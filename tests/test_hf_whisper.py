@@ -317,19 +317,29 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-5), name
 
 
-def test_seq2seq_trainer_updates_rotary(tmp_path):
+def test_seq2seq_trainer_updates_rotary_and_resumes(tmp_path):
+    """Two Seq2SeqTrainer steps update the rotary; resuming from the first step's checkpoint gives the same
+    parameters; resuming into a rotary installed with other options is refused."""
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
 
-    model = _installed("attention")
-    before = model.model.decoder.rotary.mixing.angles.detach().clone()
     feats, labels = _batch(batch=4)
     data = [{"input_features": f, "labels": y} for f, y in zip(feats, labels)]
     args = Seq2SeqTrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, use_cpu=True,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        report_to=[], save_strategy="steps", save_steps=1, logging_strategy="no", disable_tqdm=True,
     )
+    model = _installed("attention")
+    before = model.model.decoder.rotary.mixing.angles.detach().clone()
     Seq2SeqTrainer(model=model, args=args, train_dataset=data).train()
     assert not torch.equal(before, model.model.decoder.rotary.mixing.angles.detach())
+    checkpoint = str(tmp_path / "checkpoint-1")
+    resumed = _installed("attention")
+    Seq2SeqTrainer(model=resumed, args=args, train_dataset=data).train(resume_from_checkpoint=checkpoint)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    other = _installed("attention", learned_positions=True)
+    with pytest.raises(ValueError, match="installed with .*'learned_positions': False.* but this model's with"):
+        Seq2SeqTrainer(model=other, args=args, train_dataset=data).train(resume_from_checkpoint=checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------- fold

@@ -108,10 +108,11 @@ class WhisperRotary(Rotary):
         return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        found = _extra_state_options(state)
-        if found != self.options():
+        found, expected = _extra_state_options(state), self.options()
+        if found != expected:
             raise ValueError(
-                f"this checkpoint's rotary was installed with {found}, but this model's with {self.options()}: "
+                f"this checkpoint's rotary was installed with {dict(sorted(found.items()))}, but this model's with "
+                f"{dict(sorted(expected.items()))}: "
                 "install with the checkpoint's options (rotary.hf.from_pretrained reads them from its config)"
             )
 
