@@ -434,6 +434,9 @@ def test_whisper_model_and_copies(feats):
         assert not torch.equal(stock(feats, decoder_input_ids=ids).last_hidden_state, full)
     rotary.hf.uninstall(model)
     assert list(model.state_dict()) == list(stock.state_dict())
+    conditional = _installed("attention")  # its generate wrapper and fold record point back at the model
+    for clone in (copy.deepcopy(conditional), pickle.loads(pickle.dumps(conditional))):
+        assert clone.generate.model is clone and clone.model.decoder.rotary.host_config is clone.config
 
 
 # ------------------------------------------------------------------------------------------------- bad input
