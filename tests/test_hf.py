@@ -138,6 +138,16 @@ def test_orthogonal_mixing_and_one_p_for_every_layer():
     assert max_diff(logits(model, ids), logits(mixed_by_hand(stock, model), ids)) <= 1e-5
 
 
+def test_deepcopy_of_an_installed_model_is_independent():
+    model = randomize(rotary.hf.install(tiny()))
+    twin = copy.deepcopy(model)
+    ids = tokens()
+    before = logits(model, ids)
+    assert torch.equal(logits(twin, ids), before)
+    randomize(twin)
+    assert torch.equal(logits(model, ids), before) and max_diff(logits(twin, ids), before) > 1e-3
+
+
 def test_bfloat16_identity_is_bit_exact():
     stock = tiny().to(torch.bfloat16)
     model = rotary.hf.install(copy.deepcopy(stock))
@@ -240,9 +250,11 @@ def test_sampling_equals_stock_at_the_identity():
 
 
 # --------------------------------------------------------------------------------------------- compile
-@pytest.mark.parametrize("options", [{}, {"learned_freq": True}], ids=["givens", "learned_freq"])
-def test_compile_adds_no_graph_breaks(options, fresh_dynamo):
-    stock = tiny(attn="sdpa")
+@pytest.mark.parametrize(
+    "kind, options", [("llama", {}), ("llama", {"learned_freq": True}), ("qwen3", {})], ids=["givens", "learned", "qwen3"]
+)
+def test_compile_adds_no_graph_breaks(kind, options, fresh_dynamo):
+    stock = tiny(kind, attn="sdpa")
     model = randomize(rotary.hf.install(copy.deepcopy(stock), **options))
     ids = tokens()
     breaks = [torch._dynamo.explain(m)(ids).graph_break_count for m in (stock, model)]
@@ -273,6 +285,9 @@ def test_fold_then_stock_from_pretrained_gives_the_trained_logits(kind, per_laye
     assert rotary.hf.installed(model) is None
     assert list(model.state_dict()) == list(stock.state_dict())
     assert not any("forward" in m.__dict__ or m._forward_hooks for m in model.modules())
+    assert [len(m._load_state_dict_pre_hooks) for m in model.modules()] == [
+        len(m._load_state_dict_pre_hooks) for m in stock.modules()
+    ]
     model.save_pretrained(tmp_path)
     assert "rotary" not in (tmp_path / "config.json").read_text()
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
@@ -336,6 +351,14 @@ def test_reload_errors_name_expected_and_found(tmp_path):
     dropped = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "installed")
     with pytest.raises(RuntimeError, match="records a rotary install.*rotary.hf.from_pretrained"):
         rotary.hf.install(dropped)
+    # a checkpoint of another install, loaded into an installed model by load_state_dict (as Trainer resumes)
+    from safetensors.torch import load_file
+
+    per_layer = rotary.hf.install(tiny(), per_layer=True)
+    state = load_file(tmp_path / "installed" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"expects rotary tensors \['model.layers.0.self_attn.rotary.mixing.angles'.*found \['model.rotary"):
+        per_layer.load_state_dict(state, strict=False)
+    per_layer.load_state_dict(tiny().state_dict(), strict=False)  # stock weights into an installed model: fine
     tiny().save_pretrained(tmp_path / "stock")
     with pytest.raises(ValueError, match="records no rotary install"):
         rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "stock")
@@ -352,6 +375,8 @@ def test_uninstall_restores_the_stock_module_tree(kind, options):
     assert list(model.state_dict()) == list(stock.state_dict())
     assert [type(m) for m in model.modules()] == [type(m) for m in stock.modules()]
     assert not any("forward" in m.__dict__ or m._forward_hooks for m in model.modules())
+    hooks = [len(m._load_state_dict_pre_hooks) for m in (model, stock)]
+    assert hooks[0] == hooks[1]
     assert rotary.hf.installed(model) is None and "rotary" not in model.config.to_dict()
     ids = tokens()
     assert torch.equal(logits(model, ids), logits(stock, ids))
@@ -363,7 +388,7 @@ def _snapshot(model):
     return (
         [(n, type(m)) for n, m in model.named_modules()],
         list(model.state_dict()),
-        [("forward" in m.__dict__, len(m._forward_hooks)) for m in model.modules()],
+        [("forward" in m.__dict__, len(m._forward_hooks), len(m._load_state_dict_pre_hooks)) for m in model.modules()],
         model.config.to_json_string(),
     )
 

@@ -156,6 +156,24 @@ class _RotaryEmbeddingForward:
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
+class _CheckRotaryTensors:
+    """``load_state_dict`` pre-hook on the base model: a state_dict that carries rotary tensors (a checkpoint of an
+    installed model, e.g. when Trainer resumes) must carry exactly this install's, whatever ``strict`` says."""
+
+    def __call__(self, module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
+        expected = sorted(prefix + k for k in module.state_dict() if _is_rotary_key(k))
+        found = sorted(k for k in state_dict if k.startswith(prefix) and _is_rotary_key(k[len(prefix):]))
+        if found and found != expected:
+            raise ValueError(
+                f"the state_dict comes from a different rotary install: this model's ({recorded(module.config)}) "
+                f"expects rotary tensors {expected}, found {found}"
+            )
+
+
+def _is_rotary_key(name: str) -> bool:
+    return "rotary" in name.split(".")  # what install registers; never transformers' own rotary_emb
+
+
 # --------------------------------------------------------------------------------------------- inspection
 class _Attention:
     """What :func:`_inspect` found in one attention module."""
@@ -252,7 +270,7 @@ def _installed_parts(model: nn.Module) -> bool:
     for module in model.modules():
         if isinstance(module, CausalRotary) or isinstance(module.__dict__.get("forward"), _OURS) or _hook_of(module):
             return True
-    return False
+    return _load_check_of(model) is not None
 
 
 def install(
@@ -359,6 +377,7 @@ def install(
                     a.module.k_proj.forward = _MixedProjection(a.module.k_proj, rotary)
         if angle_rotary is not None:
             rotary_emb.forward = _RotaryEmbeddingForward(angle_rotary)
+        base.register_load_state_dict_pre_hook(_CheckRotaryTensors())
         record(config, dict(mixing=mixing, per_layer=bool(per_layer), learned_freq=learned_freq, scaling=scaling))
     except BaseException:
         _remove(base)
@@ -408,8 +427,19 @@ def _remove_mixing_from(attn: nn.Module) -> None:
             del norm._forward_hooks[key]
 
 
+def _load_check_of(base: nn.Module):
+    """The key of the _CheckRotaryTensors load_state_dict pre-hook on ``base``, or None."""
+    for key, hook in base._load_state_dict_pre_hooks.items():
+        if isinstance(getattr(hook, "hook", None), _CheckRotaryTensors):  # torch wraps it in a _WrappedHook
+            return key
+    return None
+
+
 def _remove(base: nn.Module) -> None:
     """Delete every forward, hook and CausalRotary that install adds under ``base``."""
+    key = _load_check_of(base)
+    if key is not None:
+        del base._load_state_dict_pre_hooks[key]
     homes = [(parent, name) for parent in base.modules() for name, child in parent._modules.items()
              if isinstance(child, CausalRotary)]
     for parent, name in homes:
@@ -428,6 +458,7 @@ def _sync_record(base: nn.Module) -> None:
     options = recorded(config)
     rotaries = [m for m in base.modules() if isinstance(m, CausalRotary)]
     if not rotaries:
+        _remove(base)
         forget(config)
     elif options is not None and all(r.mixing is None for r in rotaries):
         record(config, dict(options, mixing=None, per_layer=False))
