@@ -161,7 +161,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from rotary.experiments.compare import QUICK, CompareError, run_comparison
+    from rotary.experiments.compare import QUICK, QUICK_2D, CompareError, run_comparison
     from rotary.experiments.data import DataError
     from rotary.experiments.train import TrainConfig
 
@@ -190,9 +190,12 @@ def _compare(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds_2d = args.seeds if args.seeds is not None else (1 if args.quick else 5)
     try:
         result = run_comparison(tasks=args.tasks, schemes=args.schemes, seeds=seeds, cfg=cfg, out=Path(args.out),
-                                data=args.data, resume=args.resume, device=device, progress=progress)
+                                data=args.data, resume=args.resume, device=device, progress=progress,
+                                schemes_2d=args.schemes_2d, seeds_2d=seeds_2d,
+                                cfg_2d=QUICK_2D if args.quick else None)
     except (CompareError, DataError) as e:
         print(f"rotary compare: {e}", file=sys.stderr)
         return 2
@@ -237,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-decoder", action="store_true", help="skip the decoder-level tokens/s section")
     bench.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
     bench.set_defaults(func=_bench)
+    from rotary.experiments.compare import DEFAULT_TASKS
     from rotary.experiments.data import TASKS
-    from rotary.experiments.schemes import SCHEMES
+    from rotary.experiments.grid import TASKS_2D
+    from rotary.experiments.schemes import SCHEMES, SCHEMES_2D
 
     cmp = sub.add_parser(
         "compare", help="train small decoders with each positional scheme and compare them",
@@ -247,9 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the same settings with --resume), as is a second process while one runs on it. A checkpoint that "
         "cannot be read (truncated, corrupt) is reported by name and its run restarts from step 0.")
     cmp.add_argument("--schemes", nargs="+", default=list(SCHEMES), metavar="SCHEME",
-                     help=f"default: all of {', '.join(SCHEMES)}")
-    cmp.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    cmp.add_argument("--seeds", type=int, default=None, help="seeds per scheme (default 3; 1 with --quick)")
+                     help=f"schemes of the 1-D tasks; default: all of {', '.join(SCHEMES)}")
+    cmp.add_argument("--schemes-2d", nargs="+", default=list(SCHEMES_2D), metavar="SCHEME",
+                     help=f"schemes of the 2-D tasks (grid, digits); default: all of {', '.join(SCHEMES_2D)}")
+    cmp.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=TASKS + TASKS_2D,
+                     help=f"default: {' '.join(DEFAULT_TASKS)} (under 15 minutes on 2 CPU cores); the full 1-D "
+                     f"comparison is --tasks {' '.join(TASKS)}")
+    cmp.add_argument("--seeds", type=int, default=None,
+                     help="seeds per scheme (default 3 for 1-D tasks and 5 for 2-D ones; 1 with --quick)")
     cmp.add_argument("--data", default=None, help="a text file or folder for the text task (default: Python's stdlib)")
     cmp.add_argument("--out", default="runs/compare", help="output folder: report.md, results.json, PNGs")
     cmp.add_argument("--resume", action="store_true",
@@ -257,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--quick", action="store_true", help=f"tiny model, few steps ({COMPARE_QUICK})")
     cmp.add_argument("--device", default=None)
     for name in ("steps", "batch", "length", "dims", "layers"):
-        cmp.add_argument(f"--{name}", type=int, default=None, help="override the budget")
+        cmp.add_argument(f"--{name}", type=int, default=None, help="override the 1-D tasks' budget")
     cmp.set_defaults(func=_compare)
     tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
     tg.add_argument("--repeats", type=int, default=15)

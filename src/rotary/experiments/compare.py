@@ -21,9 +21,11 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from rotary.experiments import vision
 from rotary.experiments.data import make_task
+from rotary.experiments.grid import TASKS_2D, GridTask, make_grid_task
 from rotary.experiments.report import aggregate, load_results, markdown, plots
-from rotary.experiments.schemes import SCHEMES
+from rotary.experiments.schemes import SCHEMES, SCHEMES_2D
 from rotary.experiments.train import CompareError, TrainConfig, atomic_json, rank_and_world, run_name, train_run
 
 try:
@@ -31,10 +33,14 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["QUICK", "CompareError", "folder_lock", "plan", "run_comparison"]
+__all__ = ["DEFAULT_TASKS", "QUICK", "QUICK_2D", "CompareError", "folder_lock", "plan", "run_comparison"]
 
 QUICK = TrainConfig(steps=30, batch=8, length=32, eval_batches=1, eval_every=10, checkpoint_every=10, dims=32,
                     heads=2, layers=1, warmup=5)
+QUICK_2D = vision.QUICK_2D
+# The default: the 2-D tasks (6 schemes x 5 seeds each) and one 1-D task, all 1-D schemes x 3 seeds, to stay under
+# 15 minutes on 2 CPU cores; `--tasks text lookback copy` is the full 1-D comparison (about 13 minutes alone).
+DEFAULT_TASKS = ("text", "grid", "digits")
 
 
 def _differences(previous: dict, settings: dict) -> list[str]:
@@ -107,32 +113,57 @@ def plan(out: Path, settings: dict, resume: bool) -> None:
 
 
 def run_comparison(*, tasks: list[str], schemes: list[str], seeds: int, cfg: TrainConfig, out: Path, data=None,
-                   resume=False, device="cpu", progress=None, interrupt_after=None) -> dict | None:
+                   resume=False, device="cpu", progress=None, interrupt_after=None, schemes_2d: list[str] | None = None,
+                   seeds_2d: int = 5, cfg_2d: vision.GridConfig | None = None) -> dict | None:
     """Train everything not yet done and write the report; returns ``{"aggregate", "markdown", "files"}`` on
     rank 0 (None on other ranks, or when ``interrupt_after`` stopped it). Raises CompareError for a folder that
-    belongs to another comparison or process, or cannot be written (see the module docstring)."""
+    belongs to another comparison or process, or cannot be written (see the module docstring).
+
+    The 2-D tasks (``grid``, ``digits``: :mod:`rotary.experiments.grid`) train the classifier of
+    :mod:`rotary.experiments.vision` with ``schemes_2d`` (default: all of SCHEMES_2D), ``seeds_2d`` seeds and the
+    budget ``cfg_2d`` (default :class:`rotary.experiments.vision.GridConfig`), on rank 0 alone; ``schemes``,
+    ``seeds`` and ``cfg`` are the 1-D tasks'."""
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise CompareError(f"unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
-    task_objs = [make_task(t, data) for t in tasks]
-    settings = json.loads(json.dumps({"tasks": tasks, "schemes": schemes, "seeds": seeds, "data": data,
-                                      "train": asdict(cfg)}))
+    schemes_2d = list(SCHEMES_2D) if schemes_2d is None else schemes_2d
+    unknown = [s for s in schemes_2d if s not in SCHEMES_2D]
+    if unknown:
+        raise CompareError(f"unknown 2-D scheme(s) {', '.join(unknown)}; choose from {', '.join(SCHEMES_2D)}")
+    cfg_2d = vision.GridConfig() if cfg_2d is None else cfg_2d
+    task_objs = [make_grid_task(t) if t in TASKS_2D else make_task(t, data) for t in tasks]
+    settings = {"tasks": tasks, "schemes": schemes, "seeds": seeds, "data": data, "train": asdict(cfg)}
+    if any(t in TASKS_2D for t in tasks):  # only then: folders of 1-D comparisons keep their settings
+        settings.update(schemes_2d=schemes_2d, seeds_2d=seeds_2d, train_2d=asdict(cfg_2d))
+    settings = json.loads(json.dumps(settings))
     out = Path(out)
     _make_folder(out)
     # rank 0 alone holds the lock: the other ranks of one torchrun job are the same comparison
     lock = folder_lock(out) if rank_and_world()[0] == 0 else contextlib.nullcontext()
     with lock:
         plan(out, settings, resume)
-        return _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress, interrupt_after)
+        return _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress, interrupt_after,
+                    schemes_2d, seeds_2d, cfg_2d)
 
 
-def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress, interrupt_after) -> dict | None:
-    todo = [(t, s, seed) for t in task_objs for s in schemes for seed in range(seeds)
+def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress, interrupt_after,
+         schemes_2d, seeds_2d, cfg_2d) -> dict | None:
+    def runs_of(t):
+        return ((s, seed) for s in schemes_2d for seed in range(seeds_2d)) if isinstance(t, GridTask) else (
+            (s, seed) for s in schemes for seed in range(seeds))
+
+    todo = [(t, s, seed) for t in task_objs for s, seed in runs_of(t)
             if not (out / "runs" / f"{run_name(t.name, s, seed)}.json").exists()]
-    bar = progress(len(todo) * cfg.steps) if progress else None
+    steps = sum(cfg_2d.steps if isinstance(t, GridTask) else cfg.steps for t, _, _ in todo)
+    bar = progress(steps) if progress else None
     for task, scheme, seed in todo:
         if bar is not None:
             bar.set_description(run_name(task.name, scheme, seed))
+        if isinstance(task, GridTask):  # seconds per run: rank 0 trains it alone, no mid-run checkpoints
+            if rank_and_world()[0] == 0:
+                vision.train_run(task, scheme, seed, cfg_2d, out, device=device,
+                                 on_step=(lambda: bar.update(1)) if bar is not None else None)
+            continue
         result = train_run(task, scheme, seed, cfg, out, device=device, settings=settings,
                            on_step=(lambda: bar.update(1)) if bar is not None else None,
                            interrupt_after=interrupt_after)
@@ -142,18 +173,27 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
         bar.close()
     if rank_and_world()[0] != 0:
         return None
-    results = [r for r in load_results(out) if r["task"] in tasks and r["scheme"] in schemes]
+    results = [r for r in load_results(out) if r["task"] in tasks
+               and r["scheme"] in (schemes_2d if r["task"] in TASKS_2D else schemes)]
     agg = aggregate(results)
     metrics = {t.name: t.metric for t in task_objs}
-    text = markdown(agg, metrics, schemes)
+    two_d = [t.name for t in task_objs if isinstance(t, GridTask)]
+    one_d = schemes if len(two_d) < len(task_objs) else []
+    all_schemes = one_d + [s for s in (schemes_2d if two_d else []) if s not in one_d]
+    text = markdown(agg, metrics, all_schemes, intervals=two_d)
     files = [out / "report.md", out / "results.json"]
     header = (f"# rotary compare\n\nTasks: " + "; ".join(f"`{t.name}`: {t.description}" for t in task_objs)
               + f".\n\nBudget per run: {cfg.steps} steps of {cfg.batch} x {cfg.length} tokens; model {cfg.layers} "
               f"layers, width {cfg.dims}, {cfg.heads} heads; mean ± std over {seeds} seed(s).\n\n")
+    if two_d:
+        header += (f"2-D tasks ({', '.join(two_d)}): a bidirectional classifier, {cfg_2d.layers} layers, width "
+                   f"{cfg_2d.dims}, {cfg_2d.heads} heads, RoPE base {cfg_2d.base:g}; {cfg_2d.steps} steps of "
+                   f"{cfg_2d.batch} images; mean ± half-width of the 95% confidence interval (Student t) over "
+                   f"{seeds_2d} seed(s); columns are the evaluation side over the training side.\n\n")
     (out / "report.md").write_text(header + text + "\n\n![curves](curves.png)\n\n![lengths](lengths.png)\n")
     atomic_json({"settings": settings, "aggregate": agg, "runs": results}, out / "results.json")
     try:
-        files += plots(results, agg, out, metrics, schemes)
+        files += plots(results, agg, out, metrics, all_schemes)
     except ImportError:
         pass  # matplotlib missing: the CLI says so
     return {"aggregate": agg, "markdown": text, "files": files}

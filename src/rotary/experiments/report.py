@@ -52,7 +52,20 @@ def _fmt(ms, digits=3, scale=1.0):
     return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
 
 
-def markdown(agg: dict, task_metrics: dict[str, str], schemes: list[str]) -> str:
+# Student t quantiles t(0.975, n - 1) for the 95% confidence interval of a mean over n seeds
+_T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def interval95(ms, n: int):
+    """(mean, half-width of the 95% confidence interval) from (mean, std) over n seeds; half-width 0 for n = 1."""
+    if ms is None:
+        return None
+    return ms[0], (ms[1] * _T975.get(n, 1.96) / math.sqrt(n) if n > 1 else 0.0)
+
+
+def markdown(agg: dict, task_metrics: dict[str, str], schemes: list[str], intervals=()) -> str:
+    """The report's tables: mean ± std over seeds, or for the tasks in ``intervals`` mean ± the half-width of
+    the 95% confidence interval."""
     lines = []
     for task, by_scheme in agg.items():
         metric = task_metrics.get(task, "loss")
@@ -66,7 +79,9 @@ def markdown(agg: dict, task_metrics: dict[str, str], schemes: list[str]) -> str
         lines.append("|---|---:|" + "---:|" * len(keys) + "---:|---:|")
         for scheme in [s for s in schemes if s in by_scheme]:
             e = by_scheme[scheme]
-            if metric == "accuracy":
+            if metric == "accuracy" and task in intervals:
+                cells = [_fmt(interval95(e["accuracy"][k], len(e["seeds"])), 1, 100) for k in keys]
+            elif metric == "accuracy":
                 cells = [_fmt(e["accuracy"][k], 1, 100) for k in keys]
             else:
                 cells = [
@@ -133,12 +148,12 @@ def plots(results: list[dict], agg: dict, out: Path, task_metrics: dict[str, str
         metric = task_metrics.get(task, "loss")
         for scheme in [s for s in schemes if s in agg[task]]:
             e = agg[task][scheme][metric]
-            xs = [int(k[:-1]) for k, v in e.items() if v is not None]
+            xs = [float(k[:-1]) for k, v in e.items() if v is not None]
             ys = [v[0] for v in e.values() if v is not None]
             err = [v[1] for v in e.values() if v is not None]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=2, label=scheme)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("evaluation length / training length")
+        ax.set_xlabel("evaluation size / training size (length; side for 2-D)")
         ax.set_ylabel(metric)
         ax.set_title(f"{task}: {metric} against length", fontsize=9)
         ax.legend(fontsize=6)

@@ -15,8 +15,19 @@ SCHEMES: dict[str, dict] = {
     "embedding-givens": {"positional": "rotary", "placement": "embedding", "mixing": "givens"},
 }
 
+# 2-D schemes (tasks grid and digits): scheme -> 2-D Rotary keyword arguments (None: no rotary; "learned-2d" adds an
+# absolute table instead). "none" is the same idea as the 1-D one, for the 2-D classifier.
+SCHEMES_2D: dict[str, dict | None] = {
+    "none": None,
+    "learned-2d": None,
+    "axial": {"directions": "axial", "mixing": None},
+    "axial-givens": {"directions": "axial", "mixing": "givens"},
+    "oblique": {"directions": "oblique", "mixing": None},
+    "mixed": {"directions": "mixed", "mixing": None},
+}
+
 DESCRIPTIONS = {
-    "none": "no position information (causal masking only)",
+    "none": "no position information (the 1-D decoder still has its causal mask)",
     "learned": "Whisper's learned absolute table (cannot go past its length)",
     "sinusoidal": "fixed sinusoidal absolute table",
     "rope": "RoPE on q and k (attention placement), no mixing",
@@ -26,6 +37,11 @@ DESCRIPTIONS = {
     "orthogonal": "RoPE on q and k with a learned full orthogonal P",
     "orthogonal-freq": "full orthogonal P and learned frequencies",
     "embedding-givens": "the original module's placement: Givens + RoPE on token embeddings",
+    "learned-2d": "learned absolute 2-D table (resized bilinearly to other sizes)",
+    "axial": "2-D RoPE, pairs split between rows and columns",
+    "axial-givens": "axial 2-D RoPE with learned Givens mixing P",
+    "oblique": "2-D RoPE, fixed directions spread over the half circle",
+    "mixed": "2-D RoPE, learned direction per pair and head (RoPE-Mixed)",
 }
 
 
