@@ -27,7 +27,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    sizes = dict(layers=2, hidden=64, heads=4, kv_heads=2, vocab=512, batch=2, seq=64, new_tokens=16) if args.quick else {}
+    quick = dict(layers=2, hidden=64, heads=4, kv_heads=2, vocab=512, batch=2, seq=64, new_tokens=16)
+    sizes = quick if args.quick else {}
     repeats = args.repeats or (3 if args.quick else 9)
     result = measure(mixing=args.mixing, repeats=repeats, warmup=1 if args.quick else 2, seed=args.seed, **sizes)
     if args.json:

@@ -61,7 +61,7 @@ def randomize(model):
 
 
 def mixed_by_hand(stock, installed):
-    """A copy of ``stock`` whose q_proj/k_proj rows (and biases) are multiplied by each layer's P, per head, in float64."""
+    """A copy of ``stock`` with q_proj/k_proj rows (and biases) multiplied by each layer's P per head, in float64."""
     model = copy.deepcopy(stock)
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
@@ -251,7 +251,9 @@ def test_sampling_equals_stock_at_the_identity():
 
 # --------------------------------------------------------------------------------------------- compile
 @pytest.mark.parametrize(
-    "kind, options", [("llama", {}), ("llama", {"learned_freq": True}), ("qwen3", {})], ids=["givens", "learned", "qwen3"]
+    "kind, options",
+    [("llama", {}), ("llama", {"learned_freq": True}), ("qwen3", {})],
+    ids=["givens", "learned", "qwen3"],
 )
 def test_compile_adds_no_graph_breaks(kind, options, fresh_dynamo):
     stock = tiny(kind, attn="sdpa")
@@ -345,7 +347,9 @@ def test_reload_errors_name_expected_and_found(tmp_path):
     model.save_pretrained(tmp_path / "installed")
     with pytest.raises(ValueError, match=r"expected \{.*'per_layer': True.*\}, found \{.*'per_layer': False"):
         rotary.hf.from_pretrained(
-            transformers.AutoModelForCausalLM, tmp_path / "installed", rotary={**rotary.hf.installed(model), "per_layer": True}
+            transformers.AutoModelForCausalLM,
+            tmp_path / "installed",
+            rotary={**rotary.hf.installed(model), "per_layer": True},
         )
     # a stock from_pretrained drops P: installing on top of it is refused, naming the recorded install
     dropped = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "installed")
@@ -356,7 +360,8 @@ def test_reload_errors_name_expected_and_found(tmp_path):
 
     per_layer = rotary.hf.install(tiny(), per_layer=True)
     state = load_file(tmp_path / "installed" / "model.safetensors")
-    with pytest.raises(ValueError, match=r"expects rotary tensors \['model.layers.0.self_attn.rotary.mixing.angles'.*found \['model.rotary"):
+    expected = r"expects rotary tensors \['model.layers.0.self_attn.rotary.mixing.angles'.*found \['model.rotary"
+    with pytest.raises(ValueError, match=expected):
         per_layer.load_state_dict(state, strict=False)
     per_layer.load_state_dict(tiny().state_dict(), strict=False)  # stock weights into an installed model: fine
     tiny().save_pretrained(tmp_path / "stock")

@@ -1,4 +1,4 @@
-"""Speed of rotary.hf in a transformers Llama: a training step with P installed, and generate() after fold, against stock.
+"""Speed of rotary.hf in a transformers Llama against stock: a training step with P installed, generate() after fold.
 
 Library code: returns numbers (seconds per call, medians, spreads, ratios); ``benchmarks/hf_speed.py`` prints them.
 The models are initialised from a ``torch.Generator`` (the global RNG is neither seeded nor used).

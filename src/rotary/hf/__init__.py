@@ -1,6 +1,6 @@
 """Install a learned rotation into Hugging Face transformers models, in place, without editing transformers.
 
-    rotary.hf.install(model)                                        # model: e.g. AutoModelForCausalLM.from_pretrained(...)
+    rotary.hf.install(model)                                          # e.g. an AutoModelForCausalLM
     model = rotary.hf.from_pretrained(AutoModelForCausalLM, folder)   # after model.save_pretrained(folder)
 
 Causal LMs whose attention applies the model's own RoPE (Llama, Mistral, Qwen2, Qwen3, Gemma, ...) are handled

@@ -63,6 +63,8 @@ class CausalRotary(Rotary):
     def __init__(self, dims: int, heads: int, *, angles: bool, **rotary_options):
         super().__init__(dims, heads, interleaved=False, **rotary_options)
         self.angles = angles
+        if not angles:  # P only: the model computes the angles, so no cos/sin table (one per layer with per_layer)
+            self.cos_cached, self.sin_cached = self.cos_cached[:0], self.sin_cached[:0]
         # Plain references (lists are not registered): the model owns these modules.
         self.attentions: list[nn.Module] = []
         self.home: list = []  # [parent module, attribute name] where this rotary is registered
@@ -256,7 +258,7 @@ def _rotary_dim(rotary_emb: nn.Module, head_dim: int) -> int:
 def _commutes_with_rotations(norm: nn.Module, head_dim: int) -> str | None:
     """None if ``norm(P y) = P norm(y)`` for every per-head rotation P, else the reason why not."""
     if "RMSNorm" not in type(norm).__name__ or getattr(norm, "bias", None) is not None:
-        return f"it is not a bias-free RMSNorm"
+        return "it is not a bias-free RMSNorm"
     blocks = norm.weight.detach().reshape(-1, head_dim)  # (heads or 1, D)
     spread = (blocks.amax(-1) - blocks.amin(-1)).max().item()
     if spread != 0:
