@@ -38,9 +38,12 @@ def recorded(config) -> dict | None:
 
 
 def record(config, options: dict) -> None:
-    """Record install options (JSON values only) in a transformers config."""
-    json.dumps(options)  # fail here, not in save_pretrained, on a value config.json cannot hold
-    setattr(config, CONFIG_KEY, dict(sorted(options.items())))
+    """Record install options (JSON values only) in a transformers config, as ``config.json`` will hold them.
+
+    The JSON round trip fails here, not in ``save_pretrained``, on a value config.json cannot hold, and turns
+    tuples into lists, so that a reloaded record compares equal to the live one.
+    """
+    setattr(config, CONFIG_KEY, json.loads(json.dumps(dict(sorted(options.items())))))
 
 
 def forget(config) -> None:
