@@ -210,8 +210,9 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# what --quick takes, measured once each (`rotary compare --quick`, `rotary bench --quick`, all defaults) on a
-# 2-core AMD EPYC VM, torch 2.13 CPU: 45 s and 19 s wall clock
+# what --quick takes with all other flags at their defaults, measured on a 2-core AMD EPYC VM (torch 2.13 CPU, other
+# jobs sharing it): `rotary compare --quick` 43 s wall clock (tasks text grid digits; 45 s for text lookback copy),
+# `rotary bench --quick` 19 s (torchtune not installed)
 COMPARE_QUICK = "about 45 s on 2 CPU cores"
 BENCH_QUICK = "about 20 s on 2 CPU cores"
 
