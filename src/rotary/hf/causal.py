@@ -120,7 +120,8 @@ class _MixedProjection:
 
     def __call__(self, x: Tensor) -> Tensor:
         weight, bias = self.linear.weight, self.linear.bias
-        P = self.rotary.mixing_matrix(compute_dtype(weight.dtype))  # (D, D), float32 at least: rounded once below
+        # (D, D), float32 at least, rounded once below; on the weight's device (layers may sit on several)
+        P = self.rotary.mixing_matrix(compute_dtype(weight.dtype)).to(weight.device)
         weight = mix_rows(weight, P).to(weight.dtype)  # (heads * D, C)
         if bias is not None:
             bias = mix_rows(bias, P).to(bias.dtype)
@@ -135,7 +136,7 @@ class _MixAfterNorm:
 
     def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
         D = self.rotary.head_dim
-        P = self.rotary.mixing_matrix(compute_dtype(output.dtype))
+        P = self.rotary.mixing_matrix(compute_dtype(output.dtype)).to(output.device)
         heads = output.unflatten(-1, (-1, D))  # (..., H, D)
         return (heads.to(P.dtype) @ P.T).to(output.dtype).reshape(output.shape)
 
@@ -155,7 +156,7 @@ class _RotaryEmbeddingForward:
         length = position_ids.amax() + 1 if scaling is not None and scaling.depends_on_length else None
         cos, sin = self.rotary.cos_sin(position_ids, length=length)  # (B, T, r/2) float32
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (B, T, r): rotate_half's layout
-        return cos.to(x.dtype), sin.to(x.dtype)
+        return cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
 
 
 class _CheckRotaryTensors:
