@@ -154,7 +154,7 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
 
     todo = [(t, s, seed) for t in task_objs for s, seed in runs_of(t)
             if not (out / "runs" / f"{run_name(t.name, s, seed)}.json").exists()]
-    steps = sum(cfg_2d.steps if isinstance(t, GridTask) else cfg.steps for t, _, _ in todo)
+    steps = sum(cfg_2d.steps * t.step_factor if isinstance(t, GridTask) else cfg.steps for t, _, _ in todo)
     bar = progress(steps) if progress else None
     for task, scheme, seed in todo:
         if bar is not None:
@@ -188,7 +188,7 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
     if two_d:
         header += (f"2-D tasks ({', '.join(two_d)}): a bidirectional classifier, {cfg_2d.layers} layers, width "
                    f"{cfg_2d.dims}, {cfg_2d.heads} heads, RoPE base {cfg_2d.base:g}; {cfg_2d.steps} steps of "
-                   f"{cfg_2d.batch} images; mean ± half-width of the 95% confidence interval (Student t) over "
+                   f"{cfg_2d.batch} images (times the task's step factor: digits 2); mean ± half-width of the 95% confidence interval (Student t) over "
                    f"{seeds_2d} seed(s); columns are the evaluation side over the training side.\n\n")
     (out / "report.md").write_text(header + text + "\n\n![curves](curves.png)\n\n![lengths](lengths.png)\n")
     atomic_json({"settings": settings, "aggregate": agg, "runs": results}, out / "results.json")

@@ -37,9 +37,9 @@ __all__ = ["QUICK_2D", "GridClassifier", "GridConfig", "evaluate", "train_run"]
 class GridConfig:
     """Budget and model of the 2-D runs (stored in ``out/config.json`` with the comparison's settings)."""
 
-    steps: int = 300
+    steps: int = 200  # of the grid task; digits trains DigitsTask.step_factor times as many
     batch: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: int = 30
     dims: int = 48
     heads: int = 4
@@ -47,7 +47,7 @@ class GridConfig:
     mlp: int = 2  # MLP width / model width
     base: float = 100.0  # RoPE base: positions here are below 16, 10000 would leave most pairs idle
     eval_batches: int = 8
-    eval_every: int = 100
+    eval_every: int = 50
 
 
 QUICK_2D = GridConfig(steps=20, batch=8, dims=16, heads=2, layers=1, eval_batches=1, eval_every=10, warmup=5)
@@ -152,10 +152,10 @@ def evaluate(model: GridClassifier, task: GridTask, side: int, seed: int, cfg: G
     return loss / total, accuracy
 
 
-def _lr(step: int, cfg: GridConfig) -> float:
+def _lr(step: int, steps: int, cfg: GridConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -191,10 +191,11 @@ def train_run(task: GridTask, scheme: str, seed: int, cfg: GridConfig, out: Path
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     curve, elapsed = [], 0.0
     positions = task.positions(task.side)
-    for step in range(cfg.steps):
+    steps = cfg.steps * task.step_factor
+    for step in range(steps):
         start = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = _lr(step, steps, cfg)
         tokens, labels, mask = task.batch("train", seed, step, cfg.batch, task.side)
         mask = None if mask is None else mask.to(device)
         loss = _loss(model(tokens.to(device), positions), labels.to(device), mask)
@@ -203,13 +204,13 @@ def train_run(task: GridTask, scheme: str, seed: int, cfg: GridConfig, out: Path
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         elapsed += time.perf_counter() - start
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             curve.append((step + 1, evaluate(model, task, task.side, seed, cfg, device)[0]))
         if on_step:
             on_step()
-    result = GridResult(task=task.name, scheme=scheme, seed=seed, steps=cfg.steps,
+    result = GridResult(task=task.name, scheme=scheme, seed=seed, steps=steps,
                         params=sum(p.numel() for p in model.parameters()), train_seconds=elapsed,
-                        tokens_per_second=cfg.steps * cfg.batch * task.side ** 2 / max(elapsed, 1e-9), curve=curve)
+                        tokens_per_second=steps * cfg.batch * task.side ** 2 / max(elapsed, 1e-9), curve=curve)
     for side in task.eval_sides:
         key = side_key(side, task.side)
         result.loss[key], result.accuracy[key] = evaluate(model, task, side, seed, cfg, device)
