@@ -472,17 +472,11 @@ class Rotary(nn.Module):
                 length = positions.amax(dim=-1) + 1  # () or (B,): transformers' max(position_ids) + 1, per row
             return self._at(positions, cdtype, length)
         if isinstance(offset, Tensor):
-            if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
-                raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
-            if offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
-                raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
-            steps = torch.arange(T, device=offset.device)
-            pos = offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps
+            pos = _offset_positions(B, T, offset)
             if length is None and self._length_dependent:
                 length = offset + T
             return self._at(pos, cdtype, length)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+        _check_int_offset(offset)
         if self._length_dependent:
             pos = torch.arange(offset, offset + T, device=device)
             if length is None:
@@ -572,15 +566,9 @@ class Rotary(nn.Module):
             raise ValueError("length= is for length-dependent scaling, which N-D directions do not take")
         if positions is None:  # every axis at offset + t: text tokens in M-RoPE
             if isinstance(offset, Tensor):
-                if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
-                    raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
-                if offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
-                    raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
-                steps = torch.arange(T, device=offset.device)
-                pos = offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps  # (B, T) or (T,)
-            elif isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-                raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+                pos = _offset_positions(B, T, offset)  # (B, T) or (T,)
             else:
+                _check_int_offset(offset)
                 pos = torch.arange(offset, offset + T, device=device)
             return self._at_nd(pos.unsqueeze(-1).expand(*pos.shape, n), cdtype)
         if not isinstance(positions, Tensor):
@@ -638,6 +626,21 @@ class Rotary(nn.Module):
             + ("" if self.scaling is None else f", scaling={self.scaling.rope_type!r}")
             + nd
         )
+
+
+def _offset_positions(B: int, T: int, offset: Tensor) -> Tensor:
+    """Positions ``offset + arange(T)`` for a ``()`` or ``(B,)`` integer tensor offset: ``(T,)`` or ``(B, T)``."""
+    if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
+        raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
+    if offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
+        raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
+    steps = torch.arange(T, device=offset.device)
+    return offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps
+
+
+def _check_int_offset(offset) -> None:
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
 
 
 rotary = Rotary  # the original module's spelling: ``self.rotary = rotary(dims=dims, heads=heads)``
