@@ -71,6 +71,13 @@ def test_layouts_and_rotate_qk(kind):
     kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
     torch.testing.assert_close(m(kt, positions=pos), full)
     torch.testing.assert_close(m(k.flatten(2), positions=pos), full.flatten(2))  # (B, T, dims)
+    params = [p for p in m.parameters() if p.requires_grad]
+    if params:  # the same parameter gradients from either layout and from a transposed view
+        g = torch.randn_like(full)
+        want = torch.autograd.grad(m(k, positions=pos), params, g)
+        for y in (m(k.transpose(1, 2), positions=pos, layout="BHTD").transpose(1, 2), m(kt, positions=pos)):
+            for a, b in zip(torch.autograd.grad(y, params, g), want):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
