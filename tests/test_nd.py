@@ -247,6 +247,10 @@ def test_errors():
         m(x, offset=1.5)
     with pytest.raises(ValueError, match="trailing axis dimension of 2"):
         m.cos_sin(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="length= is for"):
+        m.cos_sin(torch.zeros(5, 2), length=5)
+    with pytest.raises(ValueError, match="length= is for"):
+        m(x, positions=torch.zeros(5, 2), length=5)
     with pytest.raises(ValueError, match="axes must be 1, 2 or 3"):
         Rotary(48, 4, axes=4)
     with pytest.raises(ValueError, match="directions must be one of"):

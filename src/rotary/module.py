@@ -318,6 +318,8 @@ class Rotary(nn.Module):
         if not isinstance(positions, Tensor) or positions.dtype == torch.bool or positions.is_complex():
             raise ValueError(f"positions must be an integer or float tensor, got {positions!r}")
         if self.directions is not None:
+            if length is not None:
+                raise ValueError("length= is for length-dependent scaling, which N-D directions do not take")
             if positions.dim() == 0 or positions.shape[-1] != self.axes:
                 raise ValueError(f"positions must have a trailing axis dimension of {self.axes} (Rotary(axes="
                                  f"{self.axes})), got shape {tuple(positions.shape)}")
