@@ -43,7 +43,8 @@ def test_matches_reference_outputs_and_gradients(kind, axes, mixing, interleaved
     m = _make(kind, axes, mixing=mixing, interleaved=interleaved, rotary_dim=14)  # 14 of 20 channels rotated
     B, T, H, D = 2, 7, 3, 20
     x = torch.randn(B, T, H, D, requires_grad=True)
-    for positions in (torch.randint(-5, 50, (T, axes)), torch.rand(B, T, axes) * 90, torch.randint(0, 3000, (B, T, axes))):
+    cases = (torch.randint(-5, 50, (T, axes)), torch.rand(B, T, axes) * 90, torch.randint(0, 3000, (B, T, axes)))
+    for positions in cases:
         y = m(x, positions=positions)
         P = m.mixing_matrix(torch.float64)
         ref = rotary_nd_reference(x, positions, _vectors(m), interleaved=interleaved, mixing=P)
@@ -193,7 +194,8 @@ def test_mixed_gradcheck_and_state_dict():
     fresh.load_state_dict(m.state_dict())
     torch.testing.assert_close(fresh(x, positions=pos), m(x, positions=pos), atol=0, rtol=0)
     fresh.reset_parameters()
-    torch.testing.assert_close(fresh.directions.weight, Rotary(24, 2, axes=2, directions="mixed").directions.weight.double())
+    initial = Rotary(24, 2, axes=2, directions="mixed").directions.weight.double()
+    torch.testing.assert_close(fresh.directions.weight, initial)
 
 
 def test_mixed_initialisation_spreads_directions():

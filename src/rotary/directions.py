@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .frequencies import angle_dtype, inverse_frequencies
+from .frequencies import angle_dtype
 
 __all__ = ["DIRECTIONS", "Directions", "axial_counts", "oblique_units", "trig_gradient"]
 
@@ -43,7 +43,8 @@ _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0  # 1/phi: the most evenly spreading irrat
 
 
 def axial_counts(pairs: int, axes: int) -> list[int]:
-    """Pairs per axis, as even as possible, earlier axes taking the remainder: ``axial_counts(32, 3) == [11, 11, 10]``."""
+    """Pairs per axis, as even as possible, earlier axes taking the remainder: ``axial_counts(32, 3)`` is
+    ``[11, 11, 10]``."""
     return [pairs // axes + (1 if a < pairs % axes else 0) for a in range(axes)]
 
 

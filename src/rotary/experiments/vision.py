@@ -4,8 +4,9 @@ Shapes: B batch, S side, L = S * S tokens (row-major), E width, H heads, D head_
 
 The model: token embedding (+ a learned S0 x S0 table for "learned-2d") -> pre-LayerNorm blocks (full, not causal,
 self-attention with one shared 2-D :class:`rotary.Rotary` on q and k; GELU MLP) -> LayerNorm -> mean over
-tokens (one label per image; skipped for a label per token) -> linear head. Positions are the (row, column) of each token. The learned table is defined on the
-training side S0; at other sides it is resized bilinearly (what ViTs do when fine-tuning at a new resolution).
+tokens (one label per image; skipped for a label per token) -> linear head. Positions are the task's (row, column)
+of each token (:meth:`rotary.experiments.grid.GridTask.positions`). The learned table is defined on the training
+side S0; at other sides it is resized bilinearly (what ViTs do when fine-tuning at a new resolution).
 
 A run trains for ``steps`` AdamW steps (warm-up, cosine decay) on batches that are a function of (seed, step),
 initial weights drawn from a generator seeded with the run's seed, then evaluates accuracy at every evaluation
@@ -129,7 +130,8 @@ def _loss(logits: Tensor, labels: Tensor, mask: Tensor | None, reduction: str = 
 
 
 @torch.no_grad()
-def evaluate(model: GridClassifier, task: GridTask, side: int, seed: int, cfg: GridConfig, device) -> tuple[float, float]:
+def evaluate(model: GridClassifier, task: GridTask, side: int, seed: int, cfg: GridConfig,
+             device) -> tuple[float, float]:
     """Mean cross-entropy and accuracy on the task's validation batches at ``side``; for a label per token,
     balanced accuracy (the mean over classes of each class's accuracy, so that chance is 1 / classes)."""
     model.eval()
@@ -148,7 +150,10 @@ def evaluate(model: GridClassifier, task: GridTask, side: int, seed: int, cfg: G
         correct += torch.zeros_like(correct).index_add_(0, labels.cpu(), hit)
         count += torch.bincount(labels.cpu(), minlength=task.classes).double()
     model.train()
-    accuracy = float((correct / count.clamp_min(1))[count > 0].mean()) if task.per_token else float(correct.sum() / total)
+    if task.per_token:
+        accuracy = float((correct / count.clamp_min(1))[count > 0].mean())
+    else:
+        accuracy = float(correct.sum() / total)
     return loss / total, accuracy
 
 
