@@ -313,3 +313,13 @@ def test_mrope_equals_transformers_qwen2_vl(batch_positions):
     # transformers forms the angles in float32 (positions up to 13 here): that is the difference
     torch.testing.assert_close(q_us, q_hf, atol=1e-5, rtol=0)
     torch.testing.assert_close(k_us, k_hf, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("axes", [2, 3])
+def test_speed_benchmark_runs_at_a_tiny_shape(axes):
+    """The command's library half, as a smoke run: every contender timed, every target reported (not timed here)."""
+    from rotary.bench.nd_speed import measure
+
+    r = measure(shape=(1, 27, 2, 12), axes=axes, repeats=1)
+    assert set(r["times"]) == {"1-D"} | {f"{axes}-D {k}" for k in KINDS}
+    assert [x.label for x in r["ratios"]] == [f"{axes}-D {k} / 1-D" for k in KINDS]
