@@ -94,3 +94,4 @@ def test_cli_defaults_and_choices():
     assert args.tasks == ["digits"] and args.schemes_2d == ["axial", "oblique"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--tasks", "video"])
+    assert build_parser().parse_args(["compare", "--steps-2d", "400"]).steps_2d == 400

@@ -162,6 +162,7 @@ def _compare(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from rotary.experiments.compare import QUICK, QUICK_2D, CompareError, run_comparison
+    from rotary.experiments.vision import GridConfig
     from rotary.experiments.data import DataError
     from rotary.experiments.train import TrainConfig
 
@@ -195,7 +196,8 @@ def _compare(args: argparse.Namespace) -> int:
         result = run_comparison(tasks=args.tasks, schemes=args.schemes, seeds=seeds, cfg=cfg, out=Path(args.out),
                                 data=args.data, resume=args.resume, device=device, progress=progress,
                                 schemes_2d=args.schemes_2d, seeds_2d=seeds_2d,
-                                cfg_2d=QUICK_2D if args.quick else None)
+                                cfg_2d=GridConfig(**{**(QUICK_2D if args.quick else GridConfig()).__dict__,
+                                                     **({"steps": args.steps_2d} if args.steps_2d else {})}))
     except (CompareError, DataError) as e:
         print(f"rotary compare: {e}", file=sys.stderr)
         return 2
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--device", default=None)
     for name in ("steps", "batch", "length", "dims", "layers"):
         cmp.add_argument(f"--{name}", type=int, default=None, help="override the 1-D tasks' budget")
+    cmp.add_argument("--steps-2d", type=int, default=None,
+                     help="training steps of the 2-D grid task (digits trains twice as many; default 200)")
     cmp.set_defaults(func=_compare)
     tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
     tg.add_argument("--repeats", type=int, default=15)
@@ -287,10 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers", "vocab"):
+    for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers", "vocab",
+                 "steps_2d"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            parser.error(f"--{name} must be positive")
+            parser.error(f"--{name.replace('_', '-')} must be positive")
     start = time.perf_counter()
     code = args.func(args)
     if code == 0:
