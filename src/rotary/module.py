@@ -244,7 +244,8 @@ class Rotary(nn.Module):
                 (Hugging Face, SDPA), where H is ``heads`` or any divisor of it (grouped-query keys share P).
                 Floating point; any strides (a transposed view is read in place, not copied).
             offset: int, or ``(B,)`` integer tensor (per-row offsets, e.g. left-padded batches in a KV cache).
-            positions: ``(T,)`` or ``(B, T)``, int or float; overrides offset.
+            positions: ``(T,)`` or ``(B, T)``, int or float; overrides offset. With ``axes=n``: ``(T, n)`` or
+                ``(B, T, n)`` (for n = 1 both forms).
             length: only for length-dependent scaling (dynamic, longrope): the sequence length L to evaluate the
                 frequencies at, int or ``()`` / ``(B,)`` integer tensor. Default: ``offset + T``, or
                 ``positions.max(-1) + 1`` (per row). Fix it (e.g. to the longest length you will decode) to
@@ -279,10 +280,11 @@ class Rotary(nn.Module):
         """Rotate attention queries and keys, laid out ``(B, H, T, D)`` by default (``layout="BTHD"`` for the other).
 
         k may be longer than q (keys from a KV cache): keys sit at ``offset + arange(Tk)`` (or ``positions``,
-        ``(Tk,)`` or ``(B, Tk)``) and the queries at the last ``Tq`` of those positions. k may have fewer heads
-        than q (grouped-query attention) when its head count divides q's. With length-dependent scaling the length
-        defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives exactly what a full
-        forward over the same tokens gives.
+        ``(Tk,)`` or ``(B, Tk)``; ``(Tk, n)`` or ``(B, Tk, n)`` with ``axes=n``) and the queries at the last ``Tq``
+        of those positions. k may have fewer heads than q (grouped-query attention) when its head count divides
+        q's, except with ``directions="mixed"`` (each head turns its own way). With length-dependent scaling the
+        length defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives exactly what a
+        full forward over the same tokens gives.
         """
         if positions is None and length is None and not torch.is_grad_enabled() and q.dim() == k.dim() == 4:
             t = 2 if layout == "BHTD" else 1  # the time axis; heads are the other middle axis, 3 - t
