@@ -207,7 +207,9 @@ class Rotary(nn.Module):
         return freqs
 
     def _freq_scale(self) -> Tensor | None:
-        return None if self.log_freq_scale is None else torch.exp(self.log_freq_scale.to(angle_dtype(self.cos_cached.device)))
+        if self.log_freq_scale is None:
+            return None
+        return torch.exp(self.log_freq_scale.to(angle_dtype(self.cos_cached.device)))
 
     def mixing_matrix(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The dense P ``(head_dim, head_dim)``, or None without mixing."""
@@ -468,8 +470,8 @@ class Rotary(nn.Module):
                 (positions.dim() == 1 and positions.shape[0] == T) or (positions.dim() == 2 and positions.shape == (B, T))
             ):
                 shape = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
-                raise ValueError(f"positions must be a tensor of shape ({T},) or ({B}, {T}) (or ({T}, 1), ({B}, {T}, 1)), "
-                                 f"got {shape}")
+                raise ValueError(f"positions must be a tensor of shape ({T},) or ({B}, {T}) (or ({T}, 1), "
+                                 f"({B}, {T}, 1)), got {shape}")
             if positions.dtype == torch.bool or positions.is_complex():
                 raise ValueError(f"positions must be an integer or float tensor, got dtype {positions.dtype}")
             if length is None and self._length_dependent and T > 0:
@@ -563,8 +565,10 @@ class Rotary(nn.Module):
     def _per_head(self) -> bool:
         return self.directions is not None and self.directions.per_head
 
-    def _cos_sin_nd(self, B: int, T: int, offset, positions, cdtype: torch.dtype, device, length) -> tuple[Tensor, Tensor]:
-        """N-D cos/sin ``(T, r/2)`` or ``(B, T, r/2)`` (``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head directions)."""
+    def _cos_sin_nd(self, B: int, T: int, offset, positions, cdtype: torch.dtype, device,
+                    length) -> tuple[Tensor, Tensor]:
+        """N-D cos/sin ``(T, r/2)`` or ``(B, T, r/2)``; ``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head
+        directions."""
         n = self.axes
         if length is not None:
             raise ValueError("length= is for length-dependent scaling, which N-D directions do not take")

@@ -189,8 +189,9 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
     if two_d:
         header += (f"2-D tasks ({', '.join(two_d)}): a bidirectional classifier, {cfg_2d.layers} layers, width "
                    f"{cfg_2d.dims}, {cfg_2d.heads} heads, RoPE base {cfg_2d.base:g}; {cfg_2d.steps} steps of "
-                   f"{cfg_2d.batch} images (times the task's step factor: digits 2); mean ± half-width of the 95% confidence interval (Student t) over "
-                   f"{seeds_2d} seed(s); columns are the evaluation side over the training side.\n\n")
+                   f"{cfg_2d.batch} images (times the task's step factor: digits 2); mean ± half-width of the 95% "
+                   f"confidence interval (Student t) over {seeds_2d} seed(s); columns are the evaluation side over "
+                   f"the training side.\n\n")
     (out / "report.md").write_text(header + text + "\n\n![curves](curves.png)\n\n![lengths](lengths.png)\n")
     atomic_json({"settings": settings, "aggregate": agg, "runs": results}, out / "results.json")
     try:
