@@ -40,13 +40,16 @@ class _Mixing(nn.Module):
         parameter or buffer changes: the key is every tensor's version counter and storage, which in-place
         updates (optimizer steps, ``load_state_dict``, ``.to()``) all change. Never used where gradients flow.
         """
-        key = tuple((t._version, t.data_ptr()) for t in (*self._parameters.values(), *self._buffers.values()))
+        key = self._state_key()
         cached = self.__dict__.get("_frozen")
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, self._frozen_parts())
             self.__dict__["_frozen"] = cached
         return self._apply_parts(x, cached[1])
+
+    def _state_key(self) -> tuple:
+        return tuple((t._version, t.data_ptr()) for t in (*self._parameters.values(), *self._buffers.values()))
 
     def _frozen_parts(self):
         return self.matrix(torch.float32)
@@ -56,19 +59,26 @@ class _Mixing(nn.Module):
 
 
 def default_planes(head_dim: int, rope_pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """head_dim // 2 disjoint planes (i, j), i != j, from a fixed-seed shuffle, none equal to a RoPE pair.
+    """head_dim // 2 disjoint planes (i, j), i != j, none equal to a RoPE pair, fixed for a given layout.
 
-    A plane equal to a RoPE pair would commute with RoPE and only add a constant phase that cancels between
-    q and k, so such draws are rejected. Uses Python's ``random.Random`` with a fixed seed: never the global
-    RNG, and stable across torch versions.
+    A plane equal to a RoPE pair would commute with RoPE and only add a constant phase that cancels between q and
+    k, so such planes are avoided. Among valid choices, one whose partner is a strided view is taken, so that
+    ``x[..., partner]`` needs no gather: the halves ``(i, i + head_dim // 2)`` (valid in the interleaved layout),
+    else neighbours ``(2k, 2k + 1)`` (valid in the half layout). Where both meet a RoPE pair (tiny or odd
+    partial layouts), a shuffle by Python's ``random.Random`` with a fixed seed (never the global RNG). Which
+    planes a module uses is stored in its state_dict, so checkpoints keep theirs whatever this returns.
     """
-    rng = random.Random(_PLANE_SEED)
     avoid = {frozenset(p) for p in rope_pairs}
+    h = head_dim // 2
+    for planes in ([(i, i + h) for i in range(h)], [(2 * k, 2 * k + 1) for k in range(h)]):
+        if not any(frozenset(p) in avoid for p in planes):
+            return planes
+    rng = random.Random(_PLANE_SEED)
     channels = list(range(head_dim))
-    planes: list[tuple[int, int]] = []
+    planes = []
     for _ in range(1000):
         rng.shuffle(channels)
-        planes = [(channels[2 * k], channels[2 * k + 1]) for k in range(head_dim // 2)]
+        planes = [(channels[2 * k], channels[2 * k + 1]) for k in range(h)]
         if not any(frozenset(p) in avoid for p in planes):
             break
     # head_dim 2 has a single possible plane, which is the RoPE pair itself: keep it (harmless, never useful).
@@ -110,12 +120,21 @@ class GivensMixing(_Mixing):
         partner = torch.arange(self.head_dim, device=t.device).index_put((i,), j).index_put((j,), i)
         return c, s, partner
 
+    def _state_key(self) -> tuple:  # the base's key, spelled out: this runs at every decoding step
+        a, p = self.angles, self.planes
+        return a._version, a.data_ptr(), p._version, p.data_ptr()
+
     def _frozen_parts(self):
-        return self.coefficients(torch.float32)
+        c, s, partner = self.coefficients(torch.float32)
+        D = self.head_dim
+        # the halves planes of default_planes: x[..., partner] is a roll by D/2, about 3x cheaper than a gather
+        halves = D % 2 == 0 and torch.equal(partner, torch.arange(D, device=partner.device).roll(D // 2))
+        return c, s, partner, halves
 
     def _apply_parts(self, x: Tensor, parts) -> Tensor:
-        c, s, partner = parts
-        return torch.index_select(x, -1, partner).mul_(s).addcmul_(x, c)  # the kernel's c * x + s * x[partner]
+        c, s, partner, halves = parts
+        moved = torch.roll(x, self.head_dim // 2, -1) if halves else torch.index_select(x, -1, partner)
+        return moved.mul_(s).addcmul_(x, c)  # the kernel's s * x[partner] + c * x, in its order: the same roundings
 
     def matrix(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense P ``(head_dim, head_dim)`` (for folding and inspection)."""

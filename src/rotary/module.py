@@ -368,25 +368,26 @@ class Rotary(nn.Module):
             if not 0 <= offset <= table.shape[0] - T:
                 return None  # the general path grows the table or computes these rows
             cis = table[offset : offset + T]  # (T, r/2)
-        elif isinstance(offset, Tensor) and offset.dtype in _INDEX_DTYPES and offset.shape == (x4.shape[0],):
+            cis = cis.unsqueeze(-2) if time_dim == 1 else cis  # (T, 1, r/2) against (B, T, H, D); (T, r/2) for BHTD
+        elif isinstance(offset, Tensor) and offset.dim() == 1 and offset.dtype in _INDEX_DTYPES:
             B = x4.shape[0]
+            if offset.shape[0] != B:
+                return None
             index = offset if T == 1 else (offset.view(B, 1) + torch.arange(T, device=offset.device)).view(-1)
-            if table.device.type == "cpu":
+            if table.is_cpu:
                 try:  # index_select checks the range itself on CPU: no separate bounds pass
-                    cis = table.index_select(0, index).view(B, T, -1)  # (B, T, r/2)
+                    cis = table.index_select(0, index)  # (B * T, r/2)
                 except (IndexError, RuntimeError):
                     return None
             else:  # on accelerators a bad index is an asynchronous device assert: check first (one sync)
                 lo, hi = torch.aminmax(index)
                 if int(lo) < 0 or int(hi) >= table.shape[0]:
                     return None
-                cis = table[index.to(table.device)].view(B, T, -1)
+                cis = table[index.to(table.device)]
+            # (B, T, 1, r/2) against (B, T, H, D); (B, 1, T, r/2) against (B, H, T, D)
+            cis = cis.view(B, T, 1, -1) if time_dim == 1 else cis.view(B, 1, T, -1)
         else:
             return None
-        if time_dim == 1:
-            cis = cis.unsqueeze(-2)  # (T | B,T, 1, r/2) against (B, T, H, D)
-        elif cis.dim() == 3:
-            cis = cis.unsqueeze(1)  # (B, 1, T, r/2) against (B, H, T, D)
         xf = x4 if x4.dtype == torch.float32 else x4.float()
         if mix and self.mixing is not None:
             xf = self.mixing.apply_frozen(xf)
