@@ -100,3 +100,13 @@ def test_inputs_come_from_the_seed_given():
     assert all(torch.equal(x, y) for x, y in zip(a.inputs, b.inputs))
     bench.run(contenders=["Rotary givens"], repeats=1, dtypes=("float32",), shape_list=TINY, seed=3)
     assert torch.initial_seed() == 99
+
+
+@pytest.mark.parametrize("placement", [None, "attention", "embedding"])
+def test_decoder_speed_builds_each_model_it_times(placement):
+    """Every model `rotary decoder-speed` times builds and runs (a spelling no config accepts fails here)."""
+    from rotary.bench import decoder_speed as ds
+
+    model = ds._model(64, "cpu", placement, "givens", torch.Generator().manual_seed(0))
+    assert (model.rotary is None) == (placement is None)
+    assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 64)

@@ -28,11 +28,12 @@ from rotary.fold import mix_rows
 LAYERS, DIMS, HEADS, BATCH, SEQ = 4, 256, 4, 8, 512
 
 
-def _model(vocab: int, device, placement: str, mixing: str | None, generator: torch.Generator) -> Decoder:
-    cfg = DecoderConfig(vocab=vocab, ctx=SEQ, dims=DIMS, heads=HEADS, layers=LAYERS, positional="rotary",
-                        placement=placement, mixing=mixing)
+def _model(vocab: int, device, placement: str | None, mixing: str | None, generator: torch.Generator) -> Decoder:
+    """The benchmark decoder with a rotary in ``placement`` (None: no position information at all)."""
+    where = {"positional": "none"} if placement is None else {"positional": "rotary", "placement": placement}
+    cfg = DecoderConfig(vocab=vocab, ctx=SEQ, dims=DIMS, heads=HEADS, layers=LAYERS, mixing=mixing, **where)
     model = Decoder(cfg).to(device)
-    mixing = model.rotary.mixing
+    mixing = None if model.rotary is None else model.rotary.mixing
     if mixing is not None:
         with torch.no_grad():  # trained-looking parameters; the cost does not depend on them
             for p in mixing.parameters():
@@ -115,7 +116,7 @@ def measure(*, repeats: int = 9, vocab: int = 4096, device: str = "cpu", seed: i
         "train rotary-attention givens": train_step(_model(vocab, device, "attention", "givens", g), tokens),
         "train rotary-attention mixing=None": train_step(_model(vocab, device, "attention", None, g), tokens),
         "train rotary-embedding givens": train_step(_model(vocab, device, "embedding", "givens", g), tokens),
-        "train positional=none": train_step(_model(vocab, device, "none", None, g), tokens),
+        "train positional=none": train_step(_model(vocab, device, None, None, g), tokens),
     }
     res = time_interleaved(fns, device=device, repeats=repeats, warmup=2)
     r = median(res["train rotary-attention givens"]) / median(res["train rotary-attention mixing=None"])
