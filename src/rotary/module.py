@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .directions import Directions, trig_gradient
 from .frequencies import angle_dtype, inverse_frequencies, rotary_angles
-from .functional import complex_viewable, compute_dtype, rope_into, rotate
+from .functional import compute_dtype, rope_into, rotate
 from .mixing import GivensMixing, make_mixing, resolve_kind
 from .scaling import Scaling
 

@@ -182,7 +182,7 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
     all_schemes = one_d + [s for s in (schemes_2d if two_d else []) if s not in one_d]
     text = markdown(agg, metrics, all_schemes, intervals=two_d)
     files = [out / "report.md", out / "results.json"]
-    header = f"# rotary compare\n\nTasks: " + "; ".join(f"`{t.name}`: {t.description}" for t in task_objs) + ".\n\n"
+    header = "# rotary compare\n\nTasks: " + "; ".join(f"`{t.name}`: {t.description}" for t in task_objs) + ".\n\n"
     if len(two_d) < len(task_objs):
         header += (f"Budget per run: {cfg.steps} steps of {cfg.batch} x {cfg.length} tokens; model {cfg.layers} "
                    f"layers, width {cfg.dims}, {cfg.heads} heads; mean ± std over {seeds} seed(s).\n\n")

@@ -113,11 +113,12 @@ def init_weights(model: nn.Module, generator: torch.Generator) -> None:
         nn.init.normal_(table, std=0.01, generator=generator)
 
 
-def _lr(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def warmup_cosine(step: int, steps: int, lr: float, warmup: int) -> float:
+    """The learning rate at ``step``: linear warm-up, then cosine decay to a tenth of ``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def _masked_loss_sum(logits, targets, mask):
@@ -249,7 +250,7 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
     while step < cfg.steps:
         start = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
+            group["lr"] = warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup)
         tokens, targets, mask = (t[rows].to(device) for t in task.batch("train", seed, step, cfg.batch, cfg.length))
         loss = _masked_loss_sum(trained(tokens), targets, mask) / mask.sum()
         opt.zero_grad(set_to_none=True)

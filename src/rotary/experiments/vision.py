@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from rotary import Rotary
 from rotary.experiments.grid import GridTask
 from rotary.experiments.schemes import SCHEMES_2D
-from rotary.experiments.train import atomic_json, run_name
+from rotary.experiments.train import RunResult, atomic_json, run_name, warmup_cosine
 
 __all__ = ["QUICK_2D", "GridClassifier", "GridConfig", "evaluate", "train_run"]
 
@@ -157,38 +157,12 @@ def evaluate(model: GridClassifier, task: GridTask, side: int, seed: int, cfg: G
     return loss / total, accuracy
 
 
-def _lr(step: int, steps: int, cfg: GridConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@dataclass
-class GridResult:
-    """One run's record, in the fields :mod:`rotary.experiments.report` reads (keys "1x", "1.5x", "2x": the
-    evaluation side over the training side)."""
-
-    task: str
-    scheme: str
-    seed: int
-    steps: int
-    params: int
-    train_seconds: float
-    tokens_per_second: float
-    curve: list[tuple[int, float]]
-    loss: dict[str, float] = field(default_factory=dict)
-    accuracy: dict[str, float] = field(default_factory=dict)
-    scaled: dict = field(default_factory=dict)
-    note: str | None = None
-
-
 def side_key(side: int, train_side: int) -> str:
     return f"{side / train_side:g}x"
 
 
 def train_run(task: GridTask, scheme: str, seed: int, cfg: GridConfig, out: Path, *, device="cpu",
-              on_step=None) -> GridResult:
+              on_step=None) -> RunResult:
     """Train and evaluate one run, write ``out/runs/<run>.json``; see the module docstring."""
     model = GridClassifier(task.vocab, task.classes, scheme, cfg, task.side, per_token=task.per_token)
     init_weights(model, torch.Generator().manual_seed(seed))
@@ -200,7 +174,7 @@ def train_run(task: GridTask, scheme: str, seed: int, cfg: GridConfig, out: Path
     for step in range(steps):
         start = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, cfg)
+            group["lr"] = warmup_cosine(step, steps, cfg.lr, cfg.warmup)
         tokens, labels, mask = task.batch("train", seed, step, cfg.batch, task.side)
         mask = None if mask is None else mask.to(device)
         loss = _loss(model(tokens.to(device), positions), labels.to(device), mask)
@@ -213,7 +187,7 @@ def train_run(task: GridTask, scheme: str, seed: int, cfg: GridConfig, out: Path
             curve.append((step + 1, evaluate(model, task, task.side, seed, cfg, device)[0]))
         if on_step:
             on_step()
-    result = GridResult(task=task.name, scheme=scheme, seed=seed, steps=steps,
+    result = RunResult(task=task.name, scheme=scheme, seed=seed, steps=steps,
                         params=sum(p.numel() for p in model.parameters()), train_seconds=elapsed,
                         tokens_per_second=steps * cfg.batch * task.side ** 2 / max(elapsed, 1e-9), curve=curve)
     for side in task.eval_sides:
