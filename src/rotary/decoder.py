@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fold import fold_mixing, mix_rows
+from .fold import check_placement, fold_mixing, mix_rows
 from .functional import compute_dtype
 from .module import Rotary
 
@@ -375,11 +375,7 @@ class Decoder(nn.Module):
         the config's ``mixing`` becomes None, so that checkpoints rebuild the folded model."""
         if self.rotary is None or self.rotary.mixing is None:
             return None
-        if self.config.placement != "attention":
-            raise ValueError(
-                "the embedding placement cannot be folded: its P acts on the residual stream, which no weight "
-                "can absorb (see rotary.fold); nothing was changed"
-            )
+        check_placement(self.config.placement)
 
         def action():
             fold_mixing(self.rotary.remove_mixing(), *(p for b in self.blocks for p in (b.attn.query, b.attn.key)))

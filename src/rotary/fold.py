@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Foldable", "fold", "fold_mixing", "mix_rows"]
+__all__ = ["Foldable", "check_placement", "fold", "fold_mixing", "mix_rows"]
 
 
 def mix_rows(weight: Tensor, P: Tensor) -> Tensor:
@@ -61,6 +61,15 @@ def fold_mixing(P: Tensor, *projections: nn.Linear) -> None:
                 linear.bias.copy_(mix_rows(linear.bias, Pd))
 
 
+def check_placement(placement: str) -> None:
+    """Raise, naming expected and found, unless ``placement`` is one whose P can be folded (the attention one)."""
+    if placement != "attention":
+        raise ValueError(
+            f"the embedding placement cannot be folded (expected placement='attention', found {placement!r}): its P "
+            "acts on the residual stream, which no weight can absorb (see rotary.fold); nothing was changed"
+        )
+
+
 @runtime_checkable
 class Foldable(Protocol):
     """A module that owns a rotary installed into a model and knows which projections its P acts on."""
@@ -82,7 +91,7 @@ def fold(model: nn.Module) -> nn.Module:
     """
     actions = []
     for module in model.modules():
-        if isinstance(module, Foldable) and not isinstance(module, type):
+        if isinstance(module, Foldable):
             action = module.prepare_fold()
             if action is not None:
                 actions.append(action)

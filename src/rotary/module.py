@@ -288,18 +288,17 @@ class Rotary(nn.Module):
         length defaults to ``offset + Tk``: passing the whole unrotated key cache each step gives exactly what a
         full forward over the same tokens gives.
         """
+        time_dim = 2 if layout == "BHTD" else 1  # heads are the other middle axis, 3 - time_dim
         if positions is None and length is None and not torch.is_grad_enabled() and q.dim() == k.dim() == 4:
-            t = 2 if layout == "BHTD" else 1  # the time axis; heads are the other middle axis, 3 - t
-            if q.shape[0] == k.shape[0] and k.shape[t] >= q.shape[t] and q.shape[3 - t] % k.shape[3 - t] == 0:
+            if _qk_match(q, k, time_dim):
                 k_rot = self._inference(k, offset, layout, mix)
-                q_rot = self._inference(q, offset + (k.shape[t] - q.shape[t]), layout, mix)  # the last Tq positions
+                q_rot = self._inference(q, offset + (k.shape[time_dim] - q.shape[time_dim]), layout, mix)  # last Tq
                 if q_rot is not None and k_rot is not None:
                     return q_rot, k_rot
         q4, time_dim = self._as_heads(q, layout, "q", need_3d=False)
         k4, _ = self._as_heads(k, layout, "k", need_3d=False)
         B, Tq, Tk = q4.shape[0], q4.shape[time_dim], k4.shape[time_dim]
-        hq, hk = q4.shape[3 - time_dim], k4.shape[3 - time_dim]
-        if k4.shape[0] != B or Tk < Tq or hq % hk != 0:
+        if not _qk_match(q4, k4, time_dim):
             raise ValueError(
                 f"k must have q's batch, at least q's length and a number of heads dividing q's ({layout}), "
                 f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
@@ -355,9 +354,7 @@ class Rotary(nn.Module):
             x4, time_dim = x, (1 if layout == "BTHD" else 2)
             if self.heads % x.shape[3 - time_dim] != 0:
                 return None
-            if time_dim == 2 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-                # a (B, T, H, D) buffer seen as (B, H, T, D): work on the buffer, as the general path does (the
-                # same memory order gives the same roundings)
+            if time_dim == 2 and _transposed_buffer(x):
                 y = self._inference(x.transpose(1, 2), offset, "BTHD", mix)
                 return None if y is None else y.transpose(1, 2)
         else:
@@ -409,8 +406,7 @@ class Rotary(nn.Module):
             if time_dim == 2:
                 cos, sin = cos.transpose(-2, -3), sin.transpose(-2, -3)  # (.., H, T, r/2) against (B, H, T, D)
             return trig_gradient(y, cos, sin, interleaved=self.interleaved)
-        if time_dim == 2 and not x.is_contiguous() and x.transpose(1, 2).is_contiguous():
-            # a (B, T, H, D) buffer seen as (B, H, T, D) (q_proj(x).view(...).transpose(1, 2)): rotate the buffer
+        if time_dim == 2 and _transposed_buffer(x):
             return self._rotate(x.transpose(1, 2), cos, sin, 1, mix).transpose(1, 2)
         if self._per_head:
             if x.shape[3 - time_dim] != self.heads:
@@ -635,6 +631,20 @@ class Rotary(nn.Module):
             + ("" if self.scaling is None else f", scaling={self.scaling.rope_type!r}")
             + nd
         )
+
+
+def _transposed_buffer(x: Tensor) -> bool:
+    """Whether a (B, H, T, D) x is a (B, T, H, D) buffer seen transposed (``q_proj(x).view(...).transpose(1, 2)``).
+
+    Both paths then work on the buffer in its own memory order: no copy, and the roundings of a contiguous input.
+    """
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def _qk_match(q: Tensor, k: Tensor, time_dim: int) -> bool:
+    """k has q's batch, at least q's length, and a head count dividing q's (grouped-query attention)."""
+    heads = 3 - time_dim
+    return q.shape[0] == k.shape[0] and k.shape[time_dim] >= q.shape[time_dim] and q.shape[heads] % k.shape[heads] == 0
 
 
 def _offset_positions(B: int, T: int, offset: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .fold import fold_mixing
+from .fold import check_placement, fold_mixing
 from .module import Rotary
 
 __all__ = ["PLACEMENTS", "WhisperRotary", "install", "installed_placement", "uninstall"]
@@ -61,11 +61,7 @@ class WhisperRotary(Rotary):
     def prepare_fold(self):
         if self.mixing is None:
             return None
-        if self.placement != "attention":
-            raise ValueError(
-                "the embedding placement cannot be folded: its P acts on the residual stream, which no weight "
-                "can absorb (see rotary.fold); nothing was changed"
-            )
+        check_placement(self.placement)
         layers = list(self.attention_layers)
         return lambda: fold_mixing(self.remove_mixing(), *(p for a in layers for p in (a.query, a.key)))
 

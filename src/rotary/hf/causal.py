@@ -64,7 +64,7 @@ class CausalRotary(Rotary):
         super().__init__(dims, heads, interleaved=False, **rotary_options)
         self.angles = angles
         if not angles:  # P only: the model computes the angles, so no cos/sin table (one per layer with per_layer)
-            self.cos_cached, self.sin_cached = self.cos_cached[:0], self.sin_cached[:0]
+            self._build_tables(0, device=self.cos_cached.device)
         # Plain references (lists are not registered): the model owns these modules.
         self.attentions: list[nn.Module] = []
         self.home: list = []  # [parent module, attribute name] where this rotary is registered

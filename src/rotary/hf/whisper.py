@@ -50,7 +50,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..fold import fold_mixing
+from ..fold import check_placement, fold_mixing
 from ..module import Rotary
 from ._common import forget, record, require_transformers
 
@@ -119,12 +119,7 @@ class WhisperRotary(Rotary):
     def prepare_fold(self) -> Callable[[], None] | None:
         if self.mixing is None:
             return None
-        if self.placement != "attention":
-            raise ValueError(
-                f"the embedding placement cannot be folded (expected placement='attention', found "
-                f"{self.placement!r}): its P acts on the residual stream, which no weight can absorb (see "
-                "rotary.fold); nothing was changed"
-            )
+        check_placement(self.placement)
         projections = [p for a in self.attention_layers for p in (a.q_proj, a.k_proj)]
 
         def action():
