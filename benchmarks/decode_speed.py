@@ -14,7 +14,7 @@ import platform
 
 import torch
 
-from rotary.bench.decode import per_call, whisper_decode
+from rotary.lab.bench.decode import per_call, whisper_decode
 
 TARGETS = {  # (batch-independent) per-call targets: contender -> (column, bound)
     "Rotary(mixing=None), int offset": ("x_bare", 1.5),

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from rotary.bench.hf_speed import measure
+from rotary.lab.bench.hf_speed import measure
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import platform
 
 import torch
 
-from rotary.bench import hf_whisper_speed
-from rotary.bench.timing import median, spread
+from rotary.lab.bench import hf_whisper_speed
+from rotary.lab.bench.timing import median, spread
 
 
 def main(argv: list[str] | None = None) -> None:

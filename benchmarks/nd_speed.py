@@ -11,8 +11,8 @@ import platform
 
 import torch
 
-from rotary.bench.nd_speed import SHAPE, measure
-from rotary.bench.timing import median, spread
+from rotary.lab.bench.nd_speed import SHAPE, measure
+from rotary.lab.bench.timing import median, spread
 
 
 def main() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rotary.bench import contenders as C
-from rotary.bench import run as bench
-from rotary.bench.seed import SeedRotary
-from rotary.cli import main
+from rotary.lab.bench import contenders as C
+from rotary.lab.bench import run as bench
+from rotary.lab.bench.seed import SeedRotary
+from rotary.lab.cli import main
 
 TINY = [C.Shape("tiny", 2, 8, 2, 8, 3)]
 
@@ -105,7 +105,7 @@ def test_inputs_come_from_the_seed_given():
 @pytest.mark.parametrize("placement", [None, "attention", "embedding"])
 def test_decoder_speed_builds_each_model_it_times(placement):
     """Every model `rotary decoder-speed` times builds and runs (a spelling no config accepts fails here)."""
-    from rotary.bench import decoder_speed as ds
+    from rotary.lab.bench import decoder_speed as ds
 
     model = ds._model(64, "cpu", placement, "givens", torch.Generator().manual_seed(0))
     assert (model.rotary is None) == (placement is None)

@@ -19,10 +19,10 @@ import torch.multiprocessing as mp
 
 from torch import nn
 
-from rotary.cli import main
-from rotary.experiments.compare import CompareError, folder_lock, run_comparison
-from rotary.experiments.data import DataError, Task, make_task
-from rotary.experiments.train import TrainConfig, evaluate, train_run
+from rotary.lab.cli import main
+from rotary.lab.experiments.compare import CompareError, folder_lock, run_comparison
+from rotary.lab.experiments.data import DataError, Task, make_task
+from rotary.lab.experiments.train import TrainConfig, evaluate, train_run
 
 TINY = TrainConfig(steps=6, batch=4, length=16, eval_batches=1, eval_every=3, checkpoint_every=2, dims=16, heads=2,
                    layers=1, warmup=2)

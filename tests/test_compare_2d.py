@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from rotary.cli import build_parser
-from rotary.experiments.compare import DEFAULT_TASKS, CompareError, run_comparison
-from rotary.experiments.grid import DiagonalTask, make_grid_task
-from rotary.experiments.report import interval95
-from rotary.experiments.schemes import SCHEMES_2D
-from rotary.experiments.vision import GridClassifier, GridConfig
+from rotary.lab.cli import build_parser
+from rotary.lab.experiments.compare import DEFAULT_TASKS, CompareError, run_comparison
+from rotary.lab.experiments.grid import DiagonalTask, make_grid_task
+from rotary.lab.experiments.report import interval95
+from rotary.lab.experiments.schemes import SCHEMES_2D
+from rotary.lab.experiments.vision import GridClassifier, GridConfig
 
 TINY = GridConfig(steps=4, batch=4, dims=16, heads=2, layers=1, eval_batches=1, eval_every=2, warmup=1)
 
@@ -60,7 +60,7 @@ def test_classifier_shapes_and_other_sides(scheme):
 def test_two_dimensional_comparison_end_to_end(tmp_path):
     kwargs = dict(tasks=["grid"], schemes=[], seeds=1, cfg=None, schemes_2d=["none", "axial", "mixed"], seeds_2d=2,
                   cfg_2d=TINY)
-    from rotary.experiments.train import TrainConfig
+    from rotary.lab.experiments.train import TrainConfig
 
     kwargs["cfg"] = TrainConfig()
     result = run_comparison(out=tmp_path, **kwargs)

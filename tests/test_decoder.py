@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import rotary
 from rotary import rotary_reference
-from rotary.decoder import Decoder, DecoderConfig, KVCache, load, save
+from rotary.integrations.decoder import Decoder, DecoderConfig, KVCache, load, save
 
 VOCAB, XA_DIMS = 97, 24
 # every positional mode: the rotary placements by their placement name, the tables by theirs

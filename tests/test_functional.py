@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rotary import apply_rotary, apply_rotary_reference
-from rotary.frequencies import inverse_frequencies, rotary_angles
+from rotary.core.frequencies import inverse_frequencies, rotary_angles
 
 from conftest import ulp
 

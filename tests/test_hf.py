@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import rotary
-import rotary.hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -438,7 +437,7 @@ def test_norm_hook_is_what_acts_in_qwen3():
 
 
 def test_speed_benchmark_runs():
-    from rotary.bench.hf_speed import measure
+    from rotary.lab.bench.hf_speed import measure
 
     result = measure(layers=1, hidden=32, heads=2, kv_heads=1, vocab=64, batch=1, seq=8, prompt=4, new_tokens=3,
                      repeats=1, warmup=0)

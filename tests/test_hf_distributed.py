@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, sys
     import torch, transformers
-    import rotary.hf
+    import rotary.integrations.hf
 
     out, mode = sys.argv[1], sys.argv[2]  # mode: "straight" (4 steps) or "resume" (from checkpoint-2 to 4)
     rank = int(os.environ.get("RANK", 0))

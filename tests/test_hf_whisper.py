@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import rotary
-import rotary.hf
-import rotary.hf.whisper as hw
+import rotary.integrations.hf.whisper as hw
 
 transformers = pytest.importorskip("transformers")
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperModel  # noqa: E402

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rotary.mixing import GivensMixing, OrthogonalMixing, QuaternionMixing, default_planes
-from rotary.reference import givens_matrix_reference, orthogonal_matrix_reference, quaternion_matrix_reference
+from rotary.core.mixing import GivensMixing, OrthogonalMixing, QuaternionMixing, default_planes
+from rotary.core.reference import givens_matrix_reference, orthogonal_matrix_reference, quaternion_matrix_reference
 
 INTERLEAVED = lambda D: [(2 * i, 2 * i + 1) for i in range(D // 2)]  # noqa: E731
 HALF = lambda D: [(i, i + D // 2) for i in range(D // 2)]  # noqa: E731

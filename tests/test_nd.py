@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rotary import Rotary
-from rotary.directions import oblique_units
-from rotary.reference import direction_vectors_reference, rotary_nd_reference
+from rotary.core.directions import oblique_units
+from rotary.core.reference import direction_vectors_reference, rotary_nd_reference
 
 KINDS = ["axial", "sections", "oblique", "mixed"]
 
@@ -318,7 +318,7 @@ def test_mrope_equals_transformers_qwen2_vl(batch_positions):
 @pytest.mark.parametrize("axes", [2, 3])
 def test_speed_benchmark_runs_at_a_tiny_shape(axes):
     """The command's library half, as a smoke run: every contender timed, every target reported (not timed here)."""
-    from rotary.bench.nd_speed import measure
+    from rotary.lab.bench.nd_speed import measure
 
     r = measure(shape=(1, 27, 2, 12), axes=axes, repeats=1)
     assert set(r["times"]) == {"1-D"} | {f"{axes}-D {k}" for k in KINDS}

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 import rotary
 from rotary import Rotary, apply_rotary, apply_rotary_reference, rotary_reference
-from rotary.reference import rotary_nd_reference
+from rotary.core.reference import rotary_nd_reference
 
 settings.register_profile("ci", derandomize=True, max_examples=120, deadline=None, database=None,
                           suppress_health_check=[HealthCheck.too_slow], print_blob=True)

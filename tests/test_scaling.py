@@ -8,7 +8,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from rotary import Rotary, rotary_reference
-from rotary.frequencies import inverse_frequencies
+from rotary.core.frequencies import inverse_frequencies
 
 from conftest import assert_decodes_without_recompiles
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rotary
-import rotary.whisper as rw
+import rotary.integrations.whisper as rw
 
 whisper = pytest.importorskip("whisper")
 from whisper.model import ModelDimensions, Whisper, disable_sdpa  # noqa: E402
@@ -111,7 +111,7 @@ def test_cache_holds_rotated_keys_and_steps_rotate_only_new_tokens(scaling, feat
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_installed_model_computes_a_rotary_decoder(placement, features):
     """Against the reference decoder: the same weights copied into rotary.decoder.Decoder give the same logits."""
-    from rotary.decoder import Decoder, DecoderConfig
+    from rotary.integrations.decoder import Decoder, DecoderConfig
 
     model = _installed(placement)
     cfg = DecoderConfig(vocab=DIMS.n_vocab, ctx=DIMS.n_text_ctx, dims=64, heads=4, layers=2, xa_dims=64,

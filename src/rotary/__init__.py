@@ -1,13 +1,35 @@
 """rotary: rotary position embeddings (RoPE) with learned orthogonal rotations.
 
     self.rotary = rotary.Rotary(dims=dims, heads=heads)   # in __init__
-    x = self.rotary(x, offset=offset)                      # in forward: (B, T, dims) or (B, T, H, D)
+    q, k = self.rotary.rotate_qk(q, k, offset=offset)      # in forward: (B, H, T, D)
+
+``import rotary`` loads the core (torch only). The integrations are reached by name and imported on first use:
+``rotary.hf`` (transformers), ``rotary.whisper`` (openai-whisper), ``rotary.decoder`` (the reference decoder);
+``from rotary import hf`` works too. They live in ``rotary.integrations``; the lab (``rotary compare``,
+``rotary bench``) in ``rotary.lab``.
 """
 
-from .fold import fold
-from .functional import apply_rotary
-from .module import Rotary, rotary
-from .reference import apply_rotary_reference, rotary_reference
+import importlib
+
+from .core.fold import fold
+from .core.functional import apply_rotary
+from .core.module import Rotary, rotary
+from .core.reference import apply_rotary_reference, rotary_reference
 
 __all__ = ["Rotary", "apply_rotary", "apply_rotary_reference", "fold", "rotary", "rotary_reference"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_INTEGRATIONS = ("decoder", "hf", "whisper")
+
+
+def __getattr__(name: str):
+    # PEP 562: the integrations import their host packages, so they load on first use, not with ``import rotary``
+    if name in _INTEGRATIONS:
+        module = importlib.import_module(f"{__name__}.integrations.{name}")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_INTEGRATIONS])

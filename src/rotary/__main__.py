@@ -1,5 +1,5 @@
 import sys
 
-from rotary.cli import main
+from rotary.lab.cli import main
 
 sys.exit(main())

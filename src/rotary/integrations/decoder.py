@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fold import check_placement, fold_mixing, mix_rows
-from .functional import compute_dtype
-from .module import Rotary
+from ..core.fold import check_placement, fold_mixing, mix_rows
+from ..core.functional import compute_dtype
+from ..core.module import Rotary
 
 __all__ = ["PLACEMENTS", "POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
 

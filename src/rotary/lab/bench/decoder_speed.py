@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 import rotary
-from rotary.bench.timing import Ratio, median, spread, time_interleaved
-from rotary.decoder import Decoder, DecoderConfig, KVCache
-from rotary.fold import mix_rows
+from rotary.lab.bench.timing import Ratio, median, spread, time_interleaved
+from rotary.integrations.decoder import Decoder, DecoderConfig, KVCache
+from rotary.core.fold import mix_rows
 
 LAYERS, DIMS, HEADS, BATCH, SEQ = 4, 256, 4, 8, 512
 

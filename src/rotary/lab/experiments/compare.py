@@ -21,12 +21,12 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from rotary.experiments import vision
-from rotary.experiments.data import make_task
-from rotary.experiments.grid import TASKS_2D, GridTask, make_grid_task
-from rotary.experiments.report import aggregate, load_results, markdown, plots
-from rotary.experiments.schemes import SCHEMES, SCHEMES_2D
-from rotary.experiments.train import CompareError, TrainConfig, atomic_json, rank_and_world, run_name, train_run
+from rotary.lab.experiments import vision
+from rotary.lab.experiments.data import make_task
+from rotary.lab.experiments.grid import TASKS_2D, GridTask, make_grid_task
+from rotary.lab.experiments.report import aggregate, load_results, markdown, plots
+from rotary.lab.experiments.schemes import SCHEMES, SCHEMES_2D
+from rotary.lab.experiments.train import CompareError, TrainConfig, atomic_json, rank_and_world, run_name, train_run
 
 try:
     import fcntl

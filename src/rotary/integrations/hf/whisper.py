@@ -50,8 +50,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..fold import check_placement, fold_mixing
-from ..module import Rotary
+from ...core.fold import check_placement, fold_mixing
+from ...core.module import Rotary
 from ._common import forget, record, require_transformers
 
 __all__ = ["PLACEMENTS", "WhisperRotary", "install", "installed_placement", "uninstall"]

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rotary import Rotary
-from rotary.experiments.grid import GridTask
-from rotary.experiments.schemes import SCHEMES_2D
-from rotary.experiments.train import RunResult, atomic_json, run_name, warmup_cosine
+from rotary.lab.experiments.grid import GridTask
+from rotary.lab.experiments.schemes import SCHEMES_2D
+from rotary.lab.experiments.train import RunResult, atomic_json, run_name, warmup_cosine
 
 __all__ = ["QUICK_2D", "GridClassifier", "GridConfig", "evaluate", "train_run"]
 

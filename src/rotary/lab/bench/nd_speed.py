@@ -13,7 +13,7 @@ import math
 import torch
 
 from rotary import Rotary
-from rotary.bench.timing import Ratio, median, time_interleaved
+from rotary.lab.bench.timing import Ratio, median, time_interleaved
 
 SHAPE = (8, 1024, 12, 64)
 TARGETS = {"axial": 1.2, "sections": 1.2, "oblique": 1.2, "mixed": 2.0}

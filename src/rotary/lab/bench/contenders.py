@@ -50,7 +50,7 @@ def copy_floor(shape, dtype, device, generator) -> Case:
 
 def ours_apply_rotary(shape, dtype, device, generator) -> Case:
     from rotary import apply_rotary
-    from rotary.frequencies import inverse_frequencies, rotary_angles
+    from rotary.core.frequencies import inverse_frequencies, rotary_angles
 
     x = _x(shape, dtype, device, generator)
     # the float32 (T, D/2) table a caller of apply_rotary keeps: built once, outside the timed region
@@ -130,7 +130,7 @@ def meta_complex(shape, dtype, device, generator) -> Case:
 
 
 def seed(shape, dtype, device, generator) -> Case:
-    from rotary.bench.seed import SeedRotary
+    from rotary.lab.bench.seed import SeedRotary
 
     m = SeedRotary(shape.heads * shape.head_dim, shape.heads).to(device)
     x = _x(shape, dtype, device, generator, "btc")

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import rotary
-import rotary.hf
 
 from .timing import median, spread, time_blocked, time_interleaved
 

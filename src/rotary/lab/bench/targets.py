@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from rotary import Rotary, apply_rotary
-from rotary.bench.seed import SeedRotary
-from rotary.bench.timing import Ratio, median, time_blocked, time_interleaved
-from rotary.frequencies import inverse_frequencies, rotary_angles
+from rotary.lab.bench.seed import SeedRotary
+from rotary.lab.bench.timing import Ratio, median, time_blocked, time_interleaved
+from rotary.core.frequencies import inverse_frequencies, rotary_angles
 
 
 def _fwd_bwd(fn, x, params, generator):

@@ -7,7 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
-from rotary.experiments.schemes import DESCRIPTIONS
+from rotary.lab.experiments.schemes import DESCRIPTIONS
 
 
 def load_results(out: Path) -> list[dict]:

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .fold import check_placement, fold_mixing
-from .module import Rotary
+from ..core.fold import check_placement, fold_mixing
+from ..core.module import Rotary
 
 __all__ = ["PLACEMENTS", "WhisperRotary", "install", "installed_placement", "uninstall"]
 

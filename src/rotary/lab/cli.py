@@ -14,8 +14,8 @@ import torch
 def _demo(args: argparse.Namespace) -> int:
     """Checks the promises on generated data, then times Rotary against the original module."""
     from rotary import Rotary, rotary_reference
-    from rotary.bench.seed import SeedRotary
-    from rotary.bench.timing import median, time_interleaved
+    from rotary.lab.bench.seed import SeedRotary
+    from rotary.lab.bench.timing import median, time_interleaved
 
     torch.manual_seed(args.seed)
     dims, heads = args.dims, args.heads
@@ -83,7 +83,7 @@ def _machine(device: str) -> str:
 
 def _print_sections(sections: list[dict]) -> None:
     """Print what ``rotary.bench.targets.measure`` / ``decoder_speed.measure`` return."""
-    from rotary.bench.timing import median, spread
+    from rotary.lab.bench.timing import median, spread
 
     for section in sections:
         print(f"\n{section['title']}")
@@ -97,7 +97,7 @@ def _print_sections(sections: list[dict]) -> None:
 
 
 def _targets(args: argparse.Namespace) -> int:
-    from rotary.bench import targets
+    from rotary.lab.bench import targets
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(_machine(device))
@@ -106,7 +106,7 @@ def _targets(args: argparse.Namespace) -> int:
 
 
 def _decoder_speed(args: argparse.Namespace) -> int:
-    from rotary.bench import decoder_speed as ds
+    from rotary.lab.bench import decoder_speed as ds
 
     print(_machine(args.device))
     print(f"decoder: {ds.LAYERS} layers, {ds.DIMS} wide, {ds.HEADS} heads, vocab {args.vocab}; batch {ds.BATCH}, "
@@ -116,8 +116,8 @@ def _decoder_speed(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from rotary.bench import run as bench
-    from rotary.bench.contenders import CONTENDERS
+    from rotary.lab.bench import run as bench
+    from rotary.lab.bench.contenders import CONTENDERS
 
     unknown = [c for c in args.contenders or [] if c not in CONTENDERS]
     if unknown:
@@ -161,10 +161,10 @@ def _compare(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from rotary.experiments.compare import QUICK, QUICK_2D, CompareError, run_comparison
-    from rotary.experiments.vision import GridConfig
-    from rotary.experiments.data import DataError
-    from rotary.experiments.train import TrainConfig
+    from rotary.lab.experiments.compare import QUICK, QUICK_2D, CompareError, run_comparison
+    from rotary.lab.experiments.vision import GridConfig
+    from rotary.lab.experiments.data import DataError
+    from rotary.lab.experiments.train import TrainConfig
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -243,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-decoder", action="store_true", help="skip the decoder-level tokens/s section")
     bench.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
     bench.set_defaults(func=_bench)
-    from rotary.experiments.compare import DEFAULT_TASKS
-    from rotary.experiments.data import TASKS
-    from rotary.experiments.grid import TASKS_2D
-    from rotary.experiments.schemes import SCHEMES, SCHEMES_2D
+    from rotary.lab.experiments.compare import DEFAULT_TASKS
+    from rotary.lab.experiments.data import TASKS
+    from rotary.lab.experiments.grid import TASKS_2D
+    from rotary.lab.experiments.schemes import SCHEMES, SCHEMES_2D
 
     cmp = sub.add_parser(
         "compare", help="train small decoders with each positional scheme and compare them",

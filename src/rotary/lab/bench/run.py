@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rotary.bench.contenders import CONTENDERS, Case, Shape
-from rotary.bench.memory import peak_bytes
-from rotary.bench.timing import median, spread, sync, time_interleaved
+from rotary.lab.bench.contenders import CONTENDERS, Case, Shape
+from rotary.lab.bench.memory import peak_bytes
+from rotary.lab.bench.timing import median, spread, sync, time_interleaved
 
 FLOOR = "copy (floor)"
 log = logging.getLogger(__name__)
@@ -269,8 +269,8 @@ def decoder_level(*, quick: bool = False, device: str | None = None, repeats: in
     """Tokens/s of a training step and of incremental decoding in the reference decoder for each positional
     mode, and the rotary's share of the training step (its forward and backward work, timed on its own).
     Tokens and inputs come from a ``torch.Generator`` seeded with ``seed``."""
-    from rotary.bench import decoder_speed as ds
-    from rotary.decoder import Decoder, DecoderConfig
+    from rotary.lab.bench import decoder_speed as ds
+    from rotary.integrations.decoder import Decoder, DecoderConfig
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     layers, dims, heads, batch, seq, vocab = (2, 128, 4, 4, 128, 1024) if quick else (4, 256, 4, 8, 512, 4096)

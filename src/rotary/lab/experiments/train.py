@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from rotary.decoder import Decoder, DecoderConfig
-from rotary.experiments.data import Task
-from rotary.experiments.schemes import EVAL_SCALINGS, SCALED_SCHEMES, SCHEMES, eval_scaling
-from rotary.module import Rotary
+from rotary.integrations.decoder import Decoder, DecoderConfig
+from rotary.lab.experiments.data import Task
+from rotary.lab.experiments.schemes import EVAL_SCALINGS, SCALED_SCHEMES, SCHEMES, eval_scaling
+from rotary.core.module import Rotary
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..fold import fold_mixing, mix_rows
-from ..functional import compute_dtype
-from ..module import Rotary
+from ...core.fold import fold_mixing, mix_rows
+from ...core.functional import compute_dtype
+from ...core.module import Rotary
 from ._common import forget, record, recorded, require_transformers
 
 __all__ = ["CausalRotary", "install", "uninstall"]

@@ -22,7 +22,7 @@ import copy
 import torch
 
 from rotary import Rotary
-from rotary.bench.timing import median, spread, time_interleaved
+from rotary.lab.bench.timing import median, spread, time_interleaved
 
 HEADS, HEAD_DIM = 12, 64
 
@@ -104,7 +104,7 @@ def greedy(model, audio_features: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def whisper_decode(*, lengths=(50, 200, 440), repeats: int = 5, seed: int = 0) -> list[dict]:
     """Milliseconds per generated token, stock / installed (givens, unfolded) / folded, per transcript length."""
-    import rotary.whisper
+    import rotary.integrations.whisper
 
     generator = torch.Generator().manual_seed(seed)
     stock = whisper_model(generator)

@@ -18,8 +18,7 @@ import copy
 import torch
 
 import rotary
-import rotary.hf
-from rotary.bench.timing import Ratio, median, time_interleaved
+from rotary.lab.bench.timing import Ratio, median, time_interleaved
 
 LAYERS, D_MODEL, HEADS, VOCAB, AUDIO_FRAMES, MELS = 4, 384, 6, 51865, 1500, 80
 
