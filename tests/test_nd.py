@@ -315,11 +315,12 @@ def test_mrope_equals_transformers_qwen2_vl(batch_positions):
     torch.testing.assert_close(k_us, k_hf, atol=1e-5, rtol=0)
 
 
+@pytest.mark.bench
 @pytest.mark.parametrize("axes", [2, 3])
 def test_speed_benchmark_runs_at_a_tiny_shape(axes):
-    """The command's library half, as a smoke run: every contender timed, every target reported (not timed here)."""
-    from rotary.lab.bench.nd_speed import measure
+    """`rotary bench nd`, as a smoke run: every contender timed, every kind's ratio to 1-D judged."""
+    from rotary.lab.bench.suites import run_suite
 
-    r = measure(shape=(1, 27, 2, 12), axes=axes, repeats=1)
-    assert set(r["times"]) == {"1-D"} | {f"{axes}-D {k}" for k in KINDS}
-    assert [x.label for x in r["ratios"]] == [f"{axes}-D {k} / 1-D" for k in KINDS]
+    rows = [r for r in run_suite("nd", quick=True, device="cpu", axes=(axes,))]
+    assert {r.name for r in rows if r.unit == "ms"} == {"1-D"} | {f"{axes}-D {k}" for k in KINDS}
+    assert [(r.name, r.ok is not None) for r in rows if r.unit == "x"] == [(f"{axes}-D {k} / 1-D", True) for k in KINDS]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import sys
 import time
 
@@ -76,49 +75,17 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _machine(device: str) -> str:
-    return (f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads, device {device}")
-
-
-def _print_sections(sections: list[dict]) -> None:
-    """Print what ``rotary.bench.targets.measure`` / ``decoder_speed.measure`` return."""
-    from rotary.lab.bench.timing import median, spread
-
-    for section in sections:
-        print(f"\n{section['title']}")
-        for note in section.get("notes", []):
-            print(f"  {note}")
-        for name, ts in section["times"].items():
-            print(f"  {name:40s} {median(ts) * 1e3:9.2f} ms  (IQR {spread(ts):.0%})")
-        for r in section["ratios"]:
-            verdict = "" if r.ok is None else f"target {r.target:10s} {'ok' if r.ok else 'MISSED'}"
-            print(f"{r.label:62s} {r.value:7.3f}  {verdict}")
-
-
-def _targets(args: argparse.Namespace) -> int:
-    from rotary.lab.bench import targets
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(_machine(device))
-    _print_sections(targets.measure(repeats=args.repeats, device=device, seed=args.seed))
-    return 0
-
-
-def _decoder_speed(args: argparse.Namespace) -> int:
-    from rotary.lab.bench import decoder_speed as ds
-
-    print(_machine(args.device))
-    print(f"decoder: {ds.LAYERS} layers, {ds.DIMS} wide, {ds.HEADS} heads, vocab {args.vocab}; batch {ds.BATCH}, "
-          f"seq {ds.SEQ}, fp32")
-    _print_sections(ds.measure(repeats=args.repeats, vocab=args.vocab, device=args.device, seed=args.seed))
-    return 0
-
-
 def _bench(args: argparse.Namespace) -> int:
-    from rotary.lab.bench import run as bench
+    import json
+
+    from rotary.lab.bench import report, suites
     from rotary.lab.bench.contenders import CONTENDERS
 
+    try:
+        names = suites.expand(args.suites)
+    except KeyError as e:
+        print(f"rotary bench: {e.args[0]}", file=sys.stderr)
+        return 2
     unknown = [c for c in args.contenders or [] if c not in CONTENDERS]
     if unknown:
         print(f"rotary bench: unknown contender(s) {unknown}; choose from {list(CONTENDERS)}", file=sys.stderr)
@@ -127,27 +94,48 @@ def _bench(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         def progress(total):
-            return tqdm(total=total, desc="bench", unit="case", leave=False)
+            return tqdm(total=total, desc="kernels", unit="case", leave=False)
     except ImportError:
         progress = None
-    env = bench.environment(args.device)
-    print(", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
-    records = bench.run(quick=args.quick, dtypes=tuple(args.dtypes), contenders=args.contenders, device=args.device,
-                        compile=args.compile, repeats=args.repeats, progress=progress, seed=args.seed,
-                        log=lambda line: print(line, file=sys.stderr))
-    print(bench.table(records))
-    print("median ± interquartile range / median; 'x copy' = time of a same-size tensor copy (the memory floor)")
-    decoder = None
-    if not args.no_decoder:
-        decoder = bench.decoder_level(quick=args.quick, device=args.device, repeats=args.repeats, progress=progress,
-                                      seed=args.seed)
-        print("\n" + bench.decoder_table(decoder))
+
+    def log(line: str) -> None:
+        print(f"rotary bench: {line}", file=sys.stderr)
+
+    env = suites.environment(args.device)
+    print(", ".join(f"{k} {v}" for k, v in env.items() if v is not None) + "\n")
+    rows, seconds = [], {}
+    for name in names:
+        torch.manual_seed(args.seed)  # for what draws from the global RNG at construction (the original module)
+        options = {}
+        if name == "kernels":
+            options = {"dtypes": tuple(args.dtypes), "contenders": args.contenders, "compile": args.compile,
+                       "progress": progress}
+        log(f"{name} ...")
+        start = time.perf_counter()
+        got = suites.run_suite(name, quick=args.quick, device=args.device, seed=args.seed, repeats=args.repeats,
+                               log=log, **options)
+        seconds[name] = round(time.perf_counter() - start, 1)
+        log(f"{name}: {seconds[name]:.0f} s")
+        if got:
+            print(report.table(got))
+        rows += got
+    summary = report.verdicts(rows)
+    if summary:
+        print(summary + ("\n(--quick: a smoke run at tiny shapes; its figures and verdicts mean nothing)"
+                         if args.quick else ""))
     if args.json:
-        bench.to_json(records, args.json, env, decoder)
+        doc = suites.to_json(rows, {**env, "suite_seconds": seconds}, "rotary " + " ".join(args.argv))
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
+        from rotary.lab.bench.kernels import plot
+
+        if not any(r.suite == "kernels" for r in rows):
+            print("rotary bench: --plot draws the kernels suite, which did not run", file=sys.stderr)
+            return 2
         try:
-            bench.plot(records, args.plot)
+            plot(rows, args.plot)
             print(f"wrote {args.plot}")
         except ImportError:
             print("--plot needs matplotlib: pip install 'rotary[plot]'", file=sys.stderr)
@@ -231,17 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=15)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
-    bench = sub.add_parser("bench", help="speed and peak memory against other RoPE implementations")
-    bench.add_argument("--quick", action="store_true", help=f"fewer shapes and repeats ({BENCH_QUICK})")
-    bench.add_argument("--json", metavar="PATH", help="write machine-readable results")
-    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
-    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--contenders", nargs="+", default=None, metavar="NAME", help="subset of contenders to run")
-    bench.add_argument("--compile", action="store_true", help="torch.compile every contender's forward")
-    bench.add_argument("--repeats", type=int, default=None)
-    bench.add_argument("--no-decoder", action="store_true", help="skip the decoder-level tokens/s section")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
+    from rotary.lab.bench.suites import SUITES
+
+    bench = sub.add_parser(
+        "bench", help="benchmark suites: speed (and memory) against other implementations, stock models, targets",
+        description="Run benchmark suites and judge their ratios against the project's targets "
+        "(rotary.lab.bench.targets). Suites: " + "; ".join(f"{k}: {v.help}" for k, v in SUITES.items())
+        + "; all: every suite (the default).")
+    bench.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: all {' '.join(SUITES)}")
+    bench.add_argument("--quick", action="store_true", help=f"smoke run: tiny shapes, few repeats ({BENCH_QUICK})")
+    bench.add_argument("--json", metavar="PATH", help="write every row and the environment as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG chart of the kernels suite (needs matplotlib)")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; CPU-only suites "
+                       "run on the CPU)")
+    bench.add_argument("--repeats", type=int, default=None, help="timed repeats per contender (default: each suite's)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the generators the random inputs come from")
+    kernels = bench.add_argument_group("kernels suite")
+    kernels.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                         choices=["float32", "bfloat16", "float16"])
+    kernels.add_argument("--contenders", nargs="+", default=None, metavar="NAME", help="subset of contenders to run")
+    kernels.add_argument("--compile", action="store_true", help="torch.compile every contender's forward")
     bench.set_defaults(func=_bench)
     from rotary.lab.experiments.compare import DEFAULT_TASKS
     from rotary.lab.experiments.data import TASKS
@@ -274,23 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--steps-2d", type=int, default=None,
                      help="training steps of the 2-D grid task (digits trains twice as many; default 200)")
     cmp.set_defaults(func=_compare)
-    tg = sub.add_parser("targets", help="the core speed targets, measured side by side")
-    tg.add_argument("--repeats", type=int, default=15)
-    tg.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    tg.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
-    tg.set_defaults(func=_targets)
-    ds = sub.add_parser("decoder-speed", help="the decoder speed targets, measured in the reference decoder")
-    ds.add_argument("--repeats", type=int, default=9, help="timed repeats of each contender (median reported)")
-    ds.add_argument("--vocab", type=int, default=4096, help="vocabulary size of the benchmark model")
-    ds.add_argument("--device", default="cpu")
-    ds.add_argument("--seed", type=int, default=0, help="seed of the generator the random inputs come from")
-    ds.set_defaults(func=_decoder_speed)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers", "vocab",
                  "steps_2d"):
         value = getattr(args, name, None)

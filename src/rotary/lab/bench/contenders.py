@@ -154,5 +154,5 @@ CONTENDERS: dict[str, Callable[..., Case]] = {
     "HF apply_rotary_pos_emb": hf_transformers,
     "torchtune": torchtune,
     "Meta complex": meta_complex,
-    "original module (seed)": seed,
+    "original module": seed,
 }

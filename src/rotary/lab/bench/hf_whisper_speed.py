@@ -1,4 +1,5 @@
-"""The Hugging Face Whisper issue's speed targets (``benchmarks/hf_whisper_speed.py`` prints them).
+"""Suite ``hf-whisper``: Hugging Face Whisper with a rotary installed against stock (targets in
+``rotary.lab.bench.targets``).
 
 Model: transformers' ``WhisperForConditionalGeneration`` shaped like ``tiny`` with 4 decoder layers 384 wide
 (6 heads, 4 encoder layers, 80 mel bins, 1500 audio frames, vocabulary 51865), random weights, fp32. Contenders
@@ -6,9 +7,9 @@ share one set of weights. Two sections, each the median of interleaved repeats:
 
 1. greedy decoding of ``tokens`` tokens with HF's ``EncoderDecoderCache`` (the encoder runs once, outside the
    timed region; each token is one decoder forward and an argmax), time per token: ``rotary.hf.install(model)``
-   (attention placement, givens, unfolded) / stock. Target <= 1.2. For context: after ``rotary.fold`` / stock.
+   (attention placement, givens, unfolded) / stock. For context: after ``rotary.fold`` / stock.
 2. training step (forward with ``labels``, backward, AdamW step) on a batch of log-mel features: installed /
-   stock. Target <= 1.05.
+   stock.
 """
 
 from __future__ import annotations
@@ -18,9 +19,13 @@ import copy
 import torch
 
 import rotary
-from rotary.lab.bench.timing import Ratio, median, time_interleaved
+from rotary.lab.bench.rows import Row, ratio_row, time_rows
+from rotary.lab.bench.timing import time_interleaved
 
+SUITE = "hf-whisper"
 LAYERS, D_MODEL, HEADS, VOCAB, AUDIO_FRAMES, MELS = 4, 384, 6, 51865, 1500, 80
+QUICK = {"tokens": 4, "train_batch": 1, "train_tokens": 4, "layers": 1, "d_model": 64, "heads": 2, "vocab": 512,
+         "audio_frames": 16}
 
 
 def whisper(*, layers: int = LAYERS, d_model: int = D_MODEL, heads: int = HEADS, vocab: int = VOCAB,
@@ -72,23 +77,30 @@ def train_step(model, features: torch.Tensor, labels: torch.Tensor):
     return step
 
 
-def measure(*, tokens: int = 200, repeats: int = 5, batch: int = 1, train_batch: int = 4, train_tokens: int = 64,
-            layers: int = LAYERS, d_model: int = D_MODEL, heads: int = HEADS, vocab: int = VOCAB,
-            audio_frames: int = AUDIO_FRAMES, device: str = "cpu", seed: int = 0,
-            sections: tuple[str, ...] = ("decode", "train")) -> list[dict]:
-    """The sections of the module docstring: for each, ``{"title", "times", "ratios"}`` where times maps a
-    contender to its repeats in seconds (per token for decoding, per step for training) and ratios is a list of
-    :class:`rotary.bench.timing.Ratio`. Inputs and mixing parameters come from a ``torch.Generator`` seeded with
-    ``seed``; the model's random weights from the global RNG (the caller seeds it)."""
-    if tokens + 1 > 448:
-        raise ValueError(f"tokens must be at most 447 (stock Whisper's 448 positions hold the start token too), "
+def suite(*, quick: bool, device: torch.device, seed: int, repeats: int | None, log, tokens: int = 200,
+          batch: int = 1, train_batch: int = 4, train_tokens: int = 64, layers: int = LAYERS, d_model: int = D_MODEL,
+          heads: int = HEADS, vocab: int = VOCAB, audio_frames: int = AUDIO_FRAMES,
+          sections: tuple[str, ...] = ("decode", "train")) -> list[Row]:
+    """The sections of the module docstring as rows: each model's median (ms per token for decoding, ms per step
+    for training) and the ratios to stock. Inputs and mixing parameters come from a ``torch.Generator`` seeded
+    with ``seed``; the models' random weights from the global RNG (the CLI seeds it)."""
+    import transformers  # noqa: F401  (missing: the runner skips the suite)
+
+    if quick:
+        tokens, train_batch, train_tokens = QUICK["tokens"], QUICK["train_batch"], QUICK["train_tokens"]
+        layers, d_model, heads, vocab, audio_frames = (QUICK[k] for k in ("layers", "d_model", "heads", "vocab",
+                                                                          "audio_frames"))
+    if not 1 <= tokens <= 447:
+        raise ValueError(f"tokens must be in [1, 447] (stock Whisper's 448 positions hold the start token too), "
                          f"got {tokens}")
-    device = torch.device(device)
+    repeats = repeats or (1 if quick else 5)
     g = torch.Generator(device).manual_seed(seed)
+    dev = str(device)
     stock = whisper(layers=layers, d_model=d_model, heads=heads, vocab=vocab, audio_frames=audio_frames,
                     device=device)
-    results = []
-
+    model = f"Whisper {layers} + {layers} layers, d_model {d_model}, {heads} heads, vocab {vocab}, " \
+            f"{audio_frames} frames, fp32, median of {repeats}"
+    rows: list[Row] = []
     if "decode" in sections:
         models = {
             "decode stock": stock.eval(),
@@ -99,16 +111,15 @@ def measure(*, tokens: int = 200, repeats: int = 5, batch: int = 1, train_batch:
         start = torch.full((batch, 1), stock.config.decoder_start_token_id, device=device)
         with torch.no_grad():
             encoded = (stock.model.encoder(features).last_hidden_state,)  # the same audio for every contender
-        fns = {name: decode(model, encoded, start, tokens) for name, model in models.items()}
-        res = {k: [t / tokens for t in v] for k, v in time_interleaved(fns, device=device, repeats=repeats,
-                                                                        warmup=1).items()}
-        installed = median(res["decode installed (attention, givens)"]) / median(res["decode stock"])
-        folded = median(res["decode folded"]) / median(res["decode stock"])
-        results.append({"title": f"greedy decoding, {tokens} tokens, batch {batch}: time per token", "times": res,
-                        "ratios": [
-                            Ratio("decode per token: installed / stock", installed, "<= 1.2", installed <= 1.2),
-                            Ratio("(context) decode per token: folded / stock", folded, None, None)]})
-
+        fns = {name: decode(m, encoded, start, tokens) for name, m in models.items()}
+        res = time_interleaved(fns, device=device, repeats=repeats, warmup=1)
+        section = f"greedy decoding of {tokens} tokens, batch {batch}, time per token, {model}"
+        rows += time_rows(SUITE, section, res, device=dev, unit="ms/token", per=tokens)
+        rows.append(ratio_row(SUITE, section, "per token, installed / stock", res,
+                              "decode installed (attention, givens)", "decode stock", key="decode installed/stock",
+                              device=dev))
+        rows.append(ratio_row(SUITE, section, "(context) per token, folded / stock", res, "decode folded",
+                              "decode stock", device=dev))
     if "train" in sections:
         features = torch.randn(train_batch, MELS, 2 * audio_frames, generator=g, device=device)
         labels = torch.randint(0, vocab - 3, (train_batch, train_tokens), generator=g, device=device)
@@ -116,7 +127,8 @@ def measure(*, tokens: int = 200, repeats: int = 5, batch: int = 1, train_batch:
         fns = {"train stock": train_step(stock.train(), features, labels),
                "train installed (attention, givens)": train_step(installed_model, features, labels)}
         res = time_interleaved(fns, device=device, repeats=repeats, warmup=1)
-        r = median(res["train installed (attention, givens)"]) / median(res["train stock"])
-        results.append({"title": f"training step, batch {train_batch} x {train_tokens} tokens", "times": res,
-                        "ratios": [Ratio("training step: installed / stock", r, "<= 1.05", r <= 1.05)]})
-    return results
+        section = f"training step, batch {train_batch} x {train_tokens} tokens, {model}"
+        rows += time_rows(SUITE, section, res, device=dev)
+        rows.append(ratio_row(SUITE, section, "installed / stock", res, "train installed (attention, givens)",
+                              "train stock", key="train installed/stock", device=dev))
+    return rows

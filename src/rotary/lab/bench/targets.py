@@ -1,95 +1,93 @@
-"""The core issue's speed targets, measured side by side in one process (``rotary targets`` prints them).
+"""Every speed target of the project, in one table, and the one function that judges rows against it.
 
-fp32 on the device given (the targets are stated for a 2-core CPU).
+A target names the suite and the ``key`` of the row it judges (a ratio of two medians, see
+:mod:`rotary.lab.bench.rows`), the goal and the direction:
+
+- ``"<="`` / ``">="``: the ratio at most / at least ``goal``;
+- ``"+-"``: within ``tolerance`` of ``goal`` (a fixed band);
+- ``"~"``: within noise of ``goal``: ``|ratio - goal| <= max(tolerance, row.spread)``, the row's spread being the
+  larger interquartile range of the two contenders.
+
+The targets were stated for CPU fp32 on a 2-core machine; on other machines the verdicts are informative only.
+A suite's row that no target names gets no verdict (context figures).
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from rotary import Rotary, apply_rotary
-from rotary.lab.bench.seed import SeedRotary
-from rotary.lab.bench.timing import Ratio, median, time_blocked, time_interleaved
-from rotary.core.frequencies import inverse_frequencies, rotary_angles
+from rotary.lab.bench.rows import Row
 
 
-def _fwd_bwd(fn, x, params, generator):
-    g = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+@dataclass(frozen=True)
+class Target:
+    name: str  # what it promises, in words
+    suite: str
+    ratio: str  # the key of the row it judges
+    goal: float
+    direction: str  # "<=", ">=", "+-", "~"
+    tolerance: float = 0.0  # "+-": the band; "~": the least noise allowed
 
-    def run():
-        y = fn(x)
-        torch.autograd.grad(y, [x, *params], g)
+    def describe(self, spread: float | None = None) -> str:
+        if self.direction in ("<=", ">="):
+            return f"{self.direction} {self.goal:g}"
+        band = self.tolerance if self.direction == "+-" else max(self.tolerance, spread or 0.0)
+        return f"{self.goal:g} +- {band:.0%}"
 
-    return run
+    def met(self, value: float, spread: float | None = None) -> bool:
+        if self.direction == "<=":
+            return value <= self.goal
+        if self.direction == ">=":
+            return value >= self.goal
+        band = self.tolerance if self.direction == "+-" else max(self.tolerance, spread or 0.0)
+        return abs(value - self.goal) <= band
 
 
-def _ratio(times, label, a, b, target, le=True) -> Ratio:
-    r = median(times[a]) / median(times[b])
-    return Ratio(label, r, f"{'<=' if le else '>='} {target}", r <= target if le else r >= target)
+TARGETS: list[Target] = [
+    # targets: the core op and module against the copy floor, rotary-embedding-torch and the original module
+    Target("apply_rotary forward / clone", "targets", "apply_rotary/clone", 1.2, "<="),
+    Target("Rotary(mixing=None) forward+backward / clone", "targets", "none/clone", 3, "<="),
+    Target("Rotary(mixing=None) / rotary-embedding-torch, forward+backward", "targets", "none/rotary-embedding-torch",
+           0.1, "<="),
+    Target("Rotary(givens) / Rotary(mixing=None), forward+backward", "targets", "givens/none", 3, "<="),
+    Target("original module / Rotary(givens), forward+backward", "targets", "original/givens", 50, ">="),
+    # decode: one-token calls against the bare complex multiply, and openai-whisper per token
+    Target("Rotary(mixing=None), int offset / bare complex multiply", "decode", "int/bare", 1.5, "<="),
+    Target("Rotary(mixing=None), (B,) tensor offset / int offset", "decode", "tensor/int", 1.1, "<="),
+    Target("Rotary(mixing='givens') unfolded / bare complex multiply", "decode", "givens/bare", 2.5, "<="),
+    Target("openai-whisper per token, installed (givens, unfolded) / stock", "decode", "whisper installed/stock",
+           1.06, "<="),
+    Target("openai-whisper per token, folded / stock", "decode", "whisper folded/stock", 1.03, "<="),
+    # nd: N-D positions against 1-D at the same shape, forward+backward
+    Target("N-D axial / 1-D", "nd", "axial/1-D", 1.2, "<="),
+    Target("N-D sections / 1-D", "nd", "sections/1-D", 1.2, "<="),
+    Target("N-D oblique / 1-D", "nd", "oblique/1-D", 1.2, "<="),
+    Target("N-D mixed (learned directions) / 1-D", "nd", "mixed/1-D", 2.0, "<="),
+    # decoder: the reference decoder
+    Target("training step, attention givens / attention mixing=None", "decoder", "train givens/none", 1.10, "<="),
+    Target("incremental decoding, folded givens / plain RoPE", "decoder", "decode folded/plain", 1.0, "~", 0.02),
+    Target("rotary time per training step, embedding / attention placement", "decoder", "rotary embedding/attention",
+           0.5, "<="),
+    # hf: a transformers Llama
+    Target("training step, installed / stock", "hf", "train installed/stock", 1.05, "<="),
+    Target("generate() tokens/s, folded / stock", "hf", "generate folded/stock", 1.0, "+-", 0.03),
+    # hf-whisper: transformers' Whisper
+    Target("decoding per token, installed / stock", "hf-whisper", "decode installed/stock", 1.2, "<="),
+    Target("training step, installed / stock", "hf-whisper", "train installed/stock", 1.05, "<="),
+]
 
 
-def measure(*, repeats: int = 15, device: str = "cpu", seed: int = 0) -> list[dict]:
-    """Each section as ``{"title", "times", "ratios", "notes"}``: times maps a contender to its repeats in
-    seconds, ratios is a list of :class:`rotary.bench.timing.Ratio`, notes lists what was skipped. Inputs and
-    trained-looking angles come from a ``torch.Generator`` seeded with ``seed``."""
-    device = torch.device(device)
-    gen = torch.Generator(device).manual_seed(seed)
-    sections = []
+def find(suite: str, key: str | None) -> Target | None:
+    """The target judging row ``key`` of ``suite``, or None."""
+    if key is None:
+        return None
+    return next((t for t in TARGETS if (t.suite, t.ratio) == (suite, key)), None)
 
-    B, T, H, D = 8, 2048, 12, 64
-    x = torch.randn(B, T, H, D, device=device, generator=gen)
-    plain = Rotary(H * D, H, mixing=None).to(device)
-    givens = Rotary(H * D, H).to(device)
-    with torch.no_grad():
-        givens.mixing.angles.normal_(generator=gen)
-    angles = rotary_angles(torch.arange(T, device=device), inverse_frequencies(D, 10000.0, device=device))
-    cos, sin = angles.cos().float(), angles.sin().float()
-    xg = x.clone().requires_grad_()
-    fns = {
-        "clone": lambda: x.clone(),
-        "apply_rotary fwd": lambda: apply_rotary(x, cos, sin),
-        "Rotary(None) fwd+bwd": _fwd_bwd(plain, xg, [], gen),
-        "Rotary(givens) fwd+bwd": _fwd_bwd(givens, xg, list(givens.parameters()), gen),
-    }
-    notes = []
-    try:
-        from rotary_embedding_torch import RotaryEmbedding
 
-        ret = RotaryEmbedding(dim=D).to(device)
-        xt = x.transpose(1, 2).contiguous().requires_grad_()  # its layout: (B, H, T, D)
-        fns["rotary-embedding-torch fwd+bwd"] = _fwd_bwd(ret.rotate_queries_or_keys, xt, [], gen)
-    except ImportError:
-        notes.append("rotary-embedding-torch not installed: skipped (pip install 'rotary[bench]')")
-    res = time_interleaved(fns, device=device, repeats=repeats)
-    ratios = [
-        _ratio(res, "apply_rotary fwd / clone", "apply_rotary fwd", "clone", 1.2),
-        _ratio(res, "Rotary(None) fwd+bwd / clone", "Rotary(None) fwd+bwd", "clone", 3),
-    ]
-    if "rotary-embedding-torch fwd+bwd" in res:
-        ratios.append(_ratio(res, "Rotary(None) fwd+bwd / rotary-embedding-torch fwd+bwd", "Rotary(None) fwd+bwd",
-                             "rotary-embedding-torch fwd+bwd", 0.1))
-    ratios.append(_ratio(res, "Rotary(givens) fwd+bwd / Rotary(None) fwd+bwd", "Rotary(givens) fwd+bwd",
-                         "Rotary(None) fwd+bwd", 3))
-    sections.append({"title": f"(B, T, H, D) = {(B, T, H, D)}, fp32", "times": res, "ratios": ratios,
-                     "notes": notes})
-
-    B, T, dims, H = 8, 512, 768, 12
-    x = torch.randn(B, T, dims, device=device, generator=gen, requires_grad=True)
-    ours = Rotary(dims, H).to(device)
-    seed_module = SeedRotary(dims, H).to(device)
-
-    def seed_step():
-        seed_module.rebuild()  # the original module cannot run backward twice on its cached matrices
-        y = seed_module(x)
-        torch.autograd.grad(y, [x, seed_module.theta], torch.ones_like(y))
-
-    fns = {"seed fwd+bwd": seed_step, "Rotary(givens) fwd+bwd": _fwd_bwd(ours, x, list(ours.parameters()), gen)}
-    reps = max(3, repeats // 3)
-    for label, timer in (("round-robin", time_interleaved), ("each in its own block", time_blocked)):
-        res = timer(fns, device=device, repeats=reps)
-        sections.append({
-            "title": f"(B, T, dims, H) = {(B, T, dims, H)}, fp32, {label}", "times": res, "notes": [],
-            "ratios": [_ratio(res, f"seed fwd+bwd / Rotary(givens) fwd+bwd, {label}", "seed fwd+bwd",
-                              "Rotary(givens) fwd+bwd", 50, le=False)],
-        })
-    return sections
+def judge(rows: list[Row]) -> list[Row]:
+    """Fill ``target`` and ``ok`` of every row a target names (in place; returns the rows)."""
+    for row in rows:
+        t = find(row.suite, row.key)
+        if t is not None and row.value is not None:
+            row.target, row.ok = t.describe(row.spread), t.met(row.value, row.spread)
+    return rows

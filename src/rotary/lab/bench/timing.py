@@ -5,18 +5,8 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
-
-
-class Ratio(NamedTuple):
-    """A measured ratio against its target; target and ok are None for a ratio shown for context only."""
-
-    label: str
-    value: float
-    target: str | None
-    ok: bool | None
 
 
 def sync(device: torch.device) -> None:
