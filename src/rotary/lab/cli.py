@@ -149,10 +149,11 @@ def _compare(args: argparse.Namespace) -> int:
 
     import torch.distributed as dist
 
-    from rotary.lab.experiments.compare import QUICK, QUICK_2D, CompareError, run_comparison
-    from rotary.lab.experiments.vision import GridConfig
+    from rotary.lab.experiments.compare import QUICK, QUICK_2D, QUICK_EXTEND, CompareError, run_comparison
     from rotary.lab.experiments.data import DataError
+    from rotary.lab.experiments.extend import ExtendConfig
     from rotary.lab.experiments.train import TrainConfig
+    from rotary.lab.experiments.vision import GridConfig
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -180,12 +181,18 @@ def _compare(args: argparse.Namespace) -> int:
             pass
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     seeds_2d = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    extend_overrides = {k: getattr(args, f"extend_{k}") for k in ("length", "factor", "steps")
+                        if getattr(args, f"extend_{k}") is not None}
+    if args.seeds is not None:
+        extend_overrides["seeds"] = args.seeds
+    cfg_extend = ExtendConfig(**{**(QUICK_EXTEND if args.quick else ExtendConfig()).__dict__, **extend_overrides})
     try:
         result = run_comparison(tasks=args.tasks, schemes=args.schemes, seeds=seeds, cfg=cfg, out=Path(args.out),
                                 data=args.data, resume=args.resume, device=device, progress=progress,
                                 schemes_2d=args.schemes_2d, seeds_2d=seeds_2d,
                                 cfg_2d=GridConfig(**{**(QUICK_2D if args.quick else GridConfig()).__dict__,
-                                                     **({"steps": args.steps_2d} if args.steps_2d else {})}))
+                                                     **({"steps": args.steps_2d} if args.steps_2d else {})}),
+                                cfg_extend=cfg_extend)
     except (CompareError, DataError) as e:
         print(f"rotary compare: {e}", file=sys.stderr)
         return 2
@@ -204,6 +211,7 @@ def _compare(args: argparse.Namespace) -> int:
 # jobs sharing it): `rotary compare --quick` 43 s wall clock (tasks text grid digits; 45 s for text lookback copy),
 # `rotary bench --quick` 19 s (torchtune not installed)
 COMPARE_QUICK = "about 45 s on 2 CPU cores"
+EXTEND_TIME = "--tasks extend alone takes about 5 minutes on 2 CPU cores"
 BENCH_QUICK = "about 20 s on 2 CPU cores"
 
 
@@ -242,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     from rotary.lab.experiments.compare import DEFAULT_TASKS
     from rotary.lab.experiments.data import TASKS
+    from rotary.lab.experiments.extend import ExtendConfig
     from rotary.lab.experiments.grid import TASKS_2D
     from rotary.lab.experiments.schemes import SCHEMES, SCHEMES_2D
 
@@ -255,11 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"schemes of the 1-D tasks; default: all of {', '.join(SCHEMES)}")
     cmp.add_argument("--schemes-2d", nargs="+", default=list(SCHEMES_2D), metavar="SCHEME",
                      help=f"schemes of the 2-D tasks (grid, digits); default: all of {', '.join(SCHEMES_2D)}")
-    cmp.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=TASKS + TASKS_2D,
+    cmp.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=(*TASKS, *TASKS_2D, "extend"),
                      help=f"default: {' '.join(DEFAULT_TASKS)} (under 15 minutes on 2 CPU cores); the full 1-D "
                      f"comparison is --tasks {' '.join(TASKS)}")
     cmp.add_argument("--seeds", type=int, default=None,
-                     help="seeds per scheme (default 3 for 1-D tasks and 5 for 2-D ones; 1 with --quick)")
+                     help="seeds per scheme (default 3 for 1-D tasks and extend, 5 for 2-D ones; 1 with --quick)")
     cmp.add_argument("--data", default=None, help="a text file or folder for the text task (default: Python's stdlib)")
     cmp.add_argument("--out", default="runs/compare", help="output folder: report.md, results.json, PNGs")
     cmp.add_argument("--resume", action="store_true",
@@ -270,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
         cmp.add_argument(f"--{name}", type=int, default=None, help="override the 1-D tasks' budget")
     cmp.add_argument("--steps-2d", type=int, default=None,
                      help="training steps of the 2-D grid task (digits trains twice as many; default 200)")
+    cmp.add_argument("--extend-length", type=int, default=None,
+                     help=f"extend: the pretraining length L (default {ExtendConfig.length}; {EXTEND_TIME})")
+    cmp.add_argument("--extend-factor", type=int, default=None,
+                     help=f"extend: fine-tune at this factor x L, evaluate at 1x, it and twice it (default "
+                     f"{ExtendConfig.factor})")
+    cmp.add_argument("--extend-steps", type=int, default=None,
+                     help=f"extend: fine-tuning steps of every trained variant (default {ExtendConfig.steps})")
     cmp.set_defaults(func=_compare)
     return parser
 
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers", "vocab",
-                 "steps_2d"):
+                 "steps_2d", "extend_length", "extend_factor", "extend_steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")

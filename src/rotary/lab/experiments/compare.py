@@ -21,8 +21,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from rotary.lab.experiments import vision
-from rotary.lab.experiments.data import make_task
+from rotary.lab.experiments import extend, extend_report, vision
+from rotary.lab.experiments.data import TextTask, make_task
 from rotary.lab.experiments.grid import TASKS_2D, GridTask, make_grid_task
 from rotary.lab.experiments.report import aggregate, load_results, markdown, plots
 from rotary.lab.experiments.schemes import SCHEMES, SCHEMES_2D
@@ -33,20 +33,25 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ["DEFAULT_TASKS", "QUICK", "QUICK_2D", "CompareError", "folder_lock", "plan", "run_comparison"]
+__all__ = ["DEFAULT_TASKS", "QUICK", "QUICK_2D", "QUICK_EXTEND", "CompareError", "folder_lock", "plan",
+           "run_comparison"]
 
 QUICK = TrainConfig(steps=30, batch=8, length=32, eval_batches=1, eval_every=10, checkpoint_every=10, dims=32,
                     heads=2, layers=1, warmup=5)
 QUICK_2D = vision.QUICK_2D
+QUICK_EXTEND = extend.QUICK_EXTEND
 # The default: the 2-D tasks (6 schemes x 5 seeds each) and one 1-D task, all 1-D schemes x 3 seeds, to stay under
 # 15 minutes on 2 CPU cores; `--tasks text lookback copy` is the full 1-D comparison (about 13 minutes alone).
 DEFAULT_TASKS = ("text", "grid", "digits")
 
 
 def _differences(previous: dict, settings: dict) -> list[str]:
-    """``"steps: 4 there, 3 now"`` for each setting that differs; the training budget's fields by their own name."""
+    """``"steps: 4 there, 3 now"`` for each setting that differs; the training budget's fields by their own name,
+    the extend task's as ``extend.<field>``."""
     def flat(d):
-        return {**{k: v for k, v in d.items() if k != "train"}, **d.get("train", {})}
+        extend = d.get("extend")
+        return {**{k: v for k, v in d.items() if k not in ("train", "extend")}, **d.get("train", {}),
+                **({f"extend.{k}": v for k, v in extend.items()} if isinstance(extend, dict) else {})}
 
     a, b = flat(previous), flat(settings)
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
@@ -85,7 +90,8 @@ def _make_folder(out: Path) -> None:
 def plan(out: Path, settings: dict, resume: bool) -> None:
     """Check that ``out`` may hold this comparison (see the module docstring), then prepare it."""
     path = out / "config.json"
-    work = [p.name for p in (*(out / "runs").glob("*.json"), *(out / "checkpoints").glob("*.pt"))]
+    work = [p.name for p in (*(out / "runs").glob("*.json"), *(out / "checkpoints").glob("*.pt"),
+                             *(out / "pretrained").glob("*.pt"))]
     if (out / "results.json").exists():
         work.append("results.json")
     if path.exists():
@@ -114,7 +120,8 @@ def plan(out: Path, settings: dict, resume: bool) -> None:
 
 def run_comparison(*, tasks: list[str], schemes: list[str], seeds: int, cfg: TrainConfig, out: Path, data=None,
                    resume=False, device="cpu", progress=None, interrupt_after=None, schemes_2d: list[str] | None = None,
-                   seeds_2d: int = 5, cfg_2d: vision.GridConfig | None = None) -> dict | None:
+                   seeds_2d: int = 5, cfg_2d: vision.GridConfig | None = None,
+                   cfg_extend: extend.ExtendConfig | None = None) -> dict | None:
     """Train everything not yet done and write the report; returns ``{"aggregate", "markdown", "files"}`` on
     rank 0 (None on other ranks, or when ``interrupt_after`` stopped it). Raises CompareError for a folder that
     belongs to another comparison or process, or cannot be written (see the module docstring).
@@ -122,7 +129,9 @@ def run_comparison(*, tasks: list[str], schemes: list[str], seeds: int, cfg: Tra
     The 2-D tasks (``grid``, ``digits``: :mod:`rotary.experiments.grid`) train the classifier of
     :mod:`rotary.experiments.vision` with ``schemes_2d`` (default: all of SCHEMES_2D), ``seeds_2d`` seeds and the
     budget ``cfg_2d`` (default :class:`rotary.experiments.vision.GridConfig`), on rank 0 alone; ``schemes``,
-    ``seeds`` and ``cfg`` are the 1-D tasks'."""
+    ``seeds`` and ``cfg`` are the 1-D tasks'. The ``extend`` task (:mod:`rotary.lab.experiments.extend`: pretrain
+    on the text corpus, then fine-tune variants at a longer length) runs with ``cfg_extend`` (default
+    :class:`rotary.lab.experiments.extend.ExtendConfig`, its seeds included), on rank 0 alone."""
     unknown = [s for s in schemes if s not in SCHEMES]
     if unknown:
         raise CompareError(f"unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(SCHEMES)}")
@@ -131,10 +140,16 @@ def run_comparison(*, tasks: list[str], schemes: list[str], seeds: int, cfg: Tra
     if unknown:
         raise CompareError(f"unknown 2-D scheme(s) {', '.join(unknown)}; choose from {', '.join(SCHEMES_2D)}")
     cfg_2d = vision.GridConfig() if cfg_2d is None else cfg_2d
-    task_objs = [make_grid_task(t) if t in TASKS_2D else make_task(t, data) for t in tasks]
+    task_objs = [make_grid_task(t) if t in TASKS_2D else make_task(t, data) for t in tasks if t != "extend"]
     settings = {"tasks": tasks, "schemes": schemes, "seeds": seeds, "data": data, "train": asdict(cfg)}
     if any(t in TASKS_2D for t in tasks):  # only then: folders of 1-D comparisons keep their settings
         settings.update(schemes_2d=schemes_2d, seeds_2d=seeds_2d, train_2d=asdict(cfg_2d))
+    text_task = None
+    if "extend" in tasks:  # likewise
+        cfg_extend = extend.ExtendConfig() if cfg_extend is None else cfg_extend
+        text_task = next((t for t in task_objs if isinstance(t, TextTask)), None) or make_task("text", data)
+        extend.check(cfg_extend, text_task, data)
+        settings.update(extend=asdict(cfg_extend))
     settings = json.loads(json.dumps(settings))
     out = Path(out)
     _make_folder(out)
@@ -143,11 +158,11 @@ def run_comparison(*, tasks: list[str], schemes: list[str], seeds: int, cfg: Tra
     with lock:
         plan(out, settings, resume)
         return _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress, interrupt_after,
-                    schemes_2d, seeds_2d, cfg_2d)
+                    schemes_2d, seeds_2d, cfg_2d, text_task, cfg_extend, data)
 
 
 def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress, interrupt_after,
-         schemes_2d, seeds_2d, cfg_2d) -> dict | None:
+         schemes_2d, seeds_2d, cfg_2d, text_task, cfg_extend, data) -> dict | None:
     def runs_of(t):
         return ((s, seed) for s in schemes_2d for seed in range(seeds_2d)) if isinstance(t, GridTask) else (
             (s, seed) for s in schemes for seed in range(seeds))
@@ -155,6 +170,8 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
     todo = [(t, s, seed) for t in task_objs for s, seed in runs_of(t)
             if not (out / "runs" / f"{run_name(t.name, s, seed)}.json").exists()]
     steps = sum(cfg_2d.steps * t.step_factor if isinstance(t, GridTask) else cfg.steps for t, _, _ in todo)
+    if text_task is not None and rank_and_world()[0] == 0:
+        steps += extend.pending_steps(out, cfg_extend, data)
     bar = progress(steps) if progress else None
     for task, scheme, seed in todo:
         if bar is not None:
@@ -169,20 +186,32 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
                            interrupt_after=interrupt_after)
         if result is None and rank_and_world()[0] == 0 and interrupt_after is not None:
             return None
+    if text_task is not None and rank_and_world()[0] == 0 and not extend.run_extend(  # rank 0 alone
+            text_task, cfg_extend, out, data=data, settings=settings, device=device, bar=bar,
+            interrupt_after=interrupt_after):
+        return None
     if bar is not None:
         bar.close()
     if rank_and_world()[0] != 0:
         return None
-    results = [r for r in load_results(out) if r["task"] in tasks
+    results = [r for r in load_results(out) if r["task"] in tasks and r["task"] != "extend"
                and r["scheme"] in (schemes_2d if r["task"] in TASKS_2D else schemes)]
     agg = aggregate(results)
     metrics = {t.name: t.metric for t in task_objs}
     two_d = [t.name for t in task_objs if isinstance(t, GridTask)]
     one_d = schemes if len(two_d) < len(task_objs) else []
     all_schemes = one_d + [s for s in (schemes_2d if two_d else []) if s not in one_d]
-    text = markdown(agg, metrics, all_schemes, intervals=two_d)
+    text = markdown(agg, metrics, all_schemes, intervals=two_d) if task_objs else ""
+    agg_extend = {}
+    if text_task is not None:
+        agg_extend = extend_report.aggregate(extend_report.load_results(out))
+        seconds = extend_report.pretrain_seconds(out, cfg_extend, data)
+        text = "\n\n".join(t for t in (text, extend_report.markdown(agg_extend, cfg_extend, seconds)) if t)
     files = [out / "report.md", out / "results.json"]
-    header = "# rotary compare\n\nTasks: " + "; ".join(f"`{t.name}`: {t.description}" for t in task_objs) + ".\n\n"
+    descriptions = [f"`{t.name}`: {t.description}" for t in task_objs]
+    if text_task is not None:
+        descriptions.append(f"`extend`: {extend.DESCRIPTION} ({text_task.description})")
+    header = "# rotary compare\n\nTasks: " + "; ".join(descriptions) + ".\n\n"
     if len(two_d) < len(task_objs):
         header += (f"Budget per run: {cfg.steps} steps of {cfg.batch} x {cfg.length} tokens; model {cfg.layers} "
                    f"layers, width {cfg.dims}, {cfg.heads} heads; mean ± std over {seeds} seed(s).\n\n")
@@ -192,10 +221,18 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
                    f"{cfg_2d.batch} images (times the task's step factor: digits 2); mean ± half-width of the 95% "
                    f"confidence interval (Student t) over {seeds_2d} seed(s); columns are the evaluation side over "
                    f"the training side.\n\n")
-    (out / "report.md").write_text(header + text + "\n\n![curves](curves.png)\n\n![lengths](lengths.png)\n")
-    atomic_json({"settings": settings, "aggregate": agg, "runs": results}, out / "results.json")
+    images = ["![curves](curves.png)", "![lengths](lengths.png)"] if task_objs else []
+    images += ["![extend](extend.png)"] if text_task is not None else []
+    (out / "report.md").write_text(header + text + "".join(f"\n\n{i}" for i in images) + "\n")
+    record = {"settings": settings, "aggregate": agg, "runs": results}
+    if text_task is not None:
+        record.update(extend={"aggregate": agg_extend, "runs": extend_report.load_results(out)})
+    atomic_json(record, out / "results.json")
     try:
-        files += plots(results, agg, out, metrics, all_schemes)
+        if task_objs:
+            files += plots(results, agg, out, metrics, all_schemes)
+        if agg_extend:
+            files.append(extend_report.plot(agg_extend, out))
     except ImportError:
         pass  # matplotlib missing: the CLI says so
     return {"aggregate": agg, "markdown": text, "files": files}

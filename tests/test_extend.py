@@ -1,0 +1,210 @@
+"""`rotary compare --tasks extend`: a tiny run end to end, resume after interruptions equal to a straight run,
+each variant training exactly what it says (counted from the config, checked against what changed), the
+zero-shot scalings equal to transformers' rope init functions, one-line errors for bad input, and a real process
+killed mid-run resuming to the same numbers."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from rotary.lab.cli import main
+from rotary.lab.experiments.compare import DEFAULT_TASKS, CompareError, run_comparison
+from rotary.lab.experiments.data import make_task
+from rotary.lab.experiments.extend import ExtendConfig, finetune_run, pretrain
+from rotary.lab.experiments.extend_variants import VARIANTS, build_variant
+from rotary.lab.experiments.train import TrainConfig
+
+TINY_1D = TrainConfig(steps=2, batch=2, length=8, dims=16, heads=2, layers=1)  # unused: extend only
+TINY = ExtendConfig(length=8, seeds=2, dims=16, heads=2, layers=1, pretrain_steps=6, pretrain_batch=4,
+                    pretrain_warmup=2, steps=8, batch=2, warmup=2, eval_batches=1, eval_batch=8, eval_every=4,
+                    checkpoint_every=3)
+
+
+def _compare(out, cfg=TINY, **kwargs):
+    return run_comparison(tasks=["extend"], schemes=["rope"], seeds=1, cfg=TINY_1D, out=out, cfg_extend=cfg,
+                          **kwargs)
+
+
+def _runs(out):
+    """Extend results without wall-clock fields."""
+    runs = json.loads((out / "results.json").read_text())["extend"]["runs"]
+    for r in runs:
+        del r["train_seconds"]
+    return runs
+
+
+def test_tiny_run_writes_report_results_and_plot(tmp_path):
+    result = _compare(tmp_path)
+    assert {f.name for f in result["files"]} == {"report.md", "results.json", "extend.png"}
+    runs = _runs(tmp_path)
+    assert sorted((r["variant"], r["seed"]) for r in runs) == sorted((v, s) for v in VARIANTS for s in range(2))
+    for r in runs:
+        assert set(r["loss"]) == {"1x", "4x", "8x"} and all(math.isfinite(x) for x in r["loss"].values())
+        assert r["steps"] == (TINY.steps if VARIANTS[r["variant"]].trains else 0)
+    report = (tmp_path / "report.md").read_text()
+    assert "### extend" in report and "![extend](extend.png)" in report
+    assert all(f"| {v} |" in report for v in VARIANTS) and "Per trained parameter" in report
+    assert len(list((tmp_path / "pretrained").glob("*.pt"))) == 2  # cached, one per seed
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))
+    with pytest.raises(CompareError, match="--resume"):
+        _compare(tmp_path)
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    cfg = ExtendConfig(**{**TINY.__dict__, "seeds": 1})
+    _compare(tmp_path / "straight", cfg)
+    out = tmp_path / "killed"
+    assert _compare(out, cfg, interrupt_after=3) is None  # in the pretraining
+    assert [p.name for p in (out / "checkpoints").glob("*.pt")] == ["extend-pretrain-seed0.pt"]
+    calls = 0
+    # 7 steps a call: the pretraining's last 3, then every trained variant stops one step short of its 8
+    while _compare(out, cfg, resume=True, interrupt_after=7) is None:
+        calls += 1
+        assert len(list((out / "checkpoints").glob("*.pt"))) == 1
+    assert calls == sum(bool(v.trains) for v in VARIANTS.values())
+    assert _runs(out) == _runs(tmp_path / "straight")
+    with pytest.raises(CompareError, match="other settings.*extend"):
+        _compare(out, ExtendConfig(**{**cfg.__dict__, "steps": 9}), resume=True)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrained")
+    (out / "checkpoints").mkdir()
+    task = make_task("text")
+    return task, out, pretrain(task, 0, TINY, out, data=None, settings={})
+
+
+def _expected_count(name: str, model) -> int:
+    """Trained parameters of each variant, from the model's sizes (not from what build_variant returns)."""
+    C, L, D, r = TINY.dims, TINY.layers, TINY.dims // TINY.heads, TINY.lora_rank
+    rotary = {"freq": D // 2, "mixer": D // 2}  # a log scale per pair; a Givens angle per plane (D / 2 planes)
+    per_part = {**rotary, "ln-gains": (2 * L + 1) * C, "qk-bias": L * 2 * C, "lora": L * 2 * r * (C + C),
+                "wqk": L * (2 * C * C + C), "all": sum(p.numel() for p in model.parameters())}
+    return sum(per_part[p] for p in VARIANTS[name].trains)
+
+
+def _expected_names(name: str, model) -> set[str]:
+    """Names (in the fine-tuned model) of what each part trains, from the pretrained model's modules."""
+    names = set()
+    attns = [f"blocks.{i}.attn" for i in range(len(model.blocks))]
+    for part in VARIANTS[name].trains:
+        names |= {"freq": {"rotary.angles.log_freq_scale", "rotary.log_freq_scale"},
+                  "mixer": {"rotary.mixer.angles", "rotary.mixing.angles"},
+                  "ln-gains": {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)},
+                  "qk-bias": {n for a in attns for n in (f"{a}.query.bias", f"{a}.key.new_bias")},
+                  "lora": {f"{a}.{lin}.lora_{ab}" for a in attns for lin in ("query", "key") for ab in "ab"},
+                  "wqk": {f"{a}.{n}" for a in attns for n in ("query.weight", "query.bias", "key.weight")},
+                  "all": {n for n, _ in model.named_parameters()} | {"rotary.mixer.angles"}}[part]
+    return names
+
+
+@pytest.mark.parametrize("variant", [v for v, spec in VARIANTS.items() if spec.trains])
+def test_each_variant_trains_exactly_what_it_says(pretrained, tmp_path, variant):
+    task, _, model = pretrained
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for d in ("runs", "checkpoints"):
+        (tmp_path / d).mkdir()
+    seen = {}
+    result = finetune_run(task, variant, 0, TINY, tmp_path, model, settings={},
+                          on_trained=lambda m: seen.update(m=m))
+    assert result["params"] == _expected_count(variant, model)
+    expected = _expected_names(variant, model)
+    changed = set()
+    for n, p in seen["m"].named_parameters():
+        old = before.get(n.replace(".base.", "."))  # an adapted layer keeps the original under .base
+        if old is None or not torch.equal(p, old):
+            changed.add(n)
+    assert changed <= expected and sum(p.numel() for n, p in seen["m"].named_parameters() if n in changed) == \
+        result["params"]
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the pretrained model untouched
+
+
+def _hf_inv_freq(rope_type, params, max_positions, seq_len=None):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    D = TINY.dims // TINY.heads
+    config = transformers.LlamaConfig(hidden_size=TINY.dims, num_attention_heads=TINY.heads, head_dim=D,
+                                      max_position_embeddings=max_positions,
+                                      rope_parameters={"rope_type": rope_type, "rope_theta": 10000.0, **params})
+    if seq_len is None:
+        return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=seq_len)
+
+
+def test_zero_shot_scalings_equal_transformers(pretrained):
+    _, _, model = pretrained
+    L, f = TINY.length, TINY.factor
+
+    def rotary_of(name):
+        rot = build_variant(model, name, factor=f, length=L, lora_rank=1, generator=torch.Generator())[0].rotary
+        factor = rot.angles.attention_factor if hasattr(rot, "angles") else rot.attention_factor
+        return rot.frequencies(), factor
+
+    # YaRN: the pretraining length is the original context, factor x L the new one
+    inv_freq, attention = _hf_inv_freq("yarn", {"factor": float(f), "original_max_position_embeddings": L}, f * L)
+    freqs, factor = rotary_of("yarn")
+    torch.testing.assert_close(freqs.float(), inv_freq, rtol=2e-6, atol=0)
+    assert factor == pytest.approx(attention, rel=1e-12) and factor != 1.0
+    # static NTK-aware at factor f is transformers' dynamic NTK frozen where its factor is f: at (2f - 1) / f x L
+    inv_freq, attention = _hf_inv_freq("dynamic", {"factor": float(f)}, L, seq_len=(2 * f - 1) * L / f)
+    freqs, factor = rotary_of("ntk")
+    torch.testing.assert_close(freqs.float(), inv_freq, rtol=2e-6, atol=0)
+    assert factor == attention == 1.0
+    plain, _ = rotary_of("plain")
+    assert not torch.allclose(plain, freqs)
+
+
+def test_bad_input_is_a_one_line_error_naming_the_numbers(tmp_path, capsys):
+    def error(*args):
+        assert main(["compare", "--quick", "--tasks", "extend", "--out", str(tmp_path / "x"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("rotary compare: extend: ") and "\n" not in err
+        return err
+
+    err = error("--extend-length", "1024")
+    assert "L = 1024 at factor 4" in err and "8 x L = 8,192 tokens" in err and "4,096" in err
+    assert "72 x L = 4,608" in error("--extend-length", "64", "--extend-factor", "36")
+    assert "factor 1 extends nothing" in error("--extend-factor", "1")
+    text = tmp_path / "short.txt"
+    text.write_bytes(b"abcdefghij" * 2_000)  # 20,000 bytes: the validation split holds the last 2,000
+    err = error("--data", str(text), "--extend-length", "256")
+    assert "validation split" in err and "2,000 bytes" in err and "windows of 2,049" in err and "L = 256" in err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    assert "extend" not in DEFAULT_TASKS
+
+
+def _cli(out, *extra):
+    """A real ``rotary compare --quick --tasks extend`` process, single-threaded."""
+    cmd = [sys.executable, "-m", "rotary", "compare", "--quick", "--tasks", "extend", "--extend-steps", "20",
+           "--device", "cpu", "--out", str(out), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_process_resumes_to_the_uninterrupted_results(tmp_path):
+    """SIGKILL a real run in its first fine-tuning (its pretrained model cached): resuming reuses that model
+    and gives the uninterrupted run's results to the last digit."""
+    straight, killed = _cli(tmp_path / "straight"), _cli(tmp_path / "killed")
+    deadline = time.monotonic() + 120
+    while not [p for p in (tmp_path / "killed" / "checkpoints").glob("*.pt") if "pretrain" not in p.name]:
+        assert killed.poll() is None, killed.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert len(list((tmp_path / "killed" / "pretrained").glob("*.pt"))) == 1
+    resumed = _cli(tmp_path / "killed", "--resume")
+    for proc in (resumed, straight):
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert _runs(tmp_path / "killed") == _runs(tmp_path / "straight")
