@@ -74,6 +74,9 @@ SUITES: dict[str, Suite] = {
                 "after fold", devices=("cpu",)),
     "hf-whisper": Suite("rotary.lab.bench.hf_whisper_speed:suite",
                         "transformers' Whisper: decoding per token and a training step, installed against stock"),
+    "gpu": Suite("rotary.lab.bench.gpu:suite", "the Triton kernel against the torch path, torch.compile, Liger-Kernel, "
+                 "transformers and flash-attn on CUDA: GB/s of the device's peak; a correctness pass", devices=("cuda",
+                 "cpu")),
 }
 
 

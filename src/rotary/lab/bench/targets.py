@@ -74,6 +74,13 @@ TARGETS: list[Target] = [
     # hf-whisper: transformers' Whisper
     Target("decoding per token, installed / stock", "hf-whisper", "decode installed/stock", 1.2, "<="),
     Target("training step, installed / stock", "hf-whisper", "train installed/stock", 1.05, "<="),
+    # gpu: the Triton kernel on a CUDA device, (8, 4096, 32, 128) bf16 q and k (stated for GPUs, not the CPU)
+    Target("Triton forward, bytes moved per second / HBM peak", "gpu", "forward/peak", 0.8, ">="),
+    Target("Triton forward+backward / fastest anchor (Liger-Kernel, transformers, flash-attn)", "gpu",
+           "fwd+bwd/fastest anchor", 1.1, "<="),
+    Target("Triton forward+backward, givens / plain", "gpu", "givens/plain", 1.15, "<="),
+    Target("Triton kernel error / tolerance against the float64 reference, every case", "gpu", "error/tolerance",
+           1.0, "<="),
 ]
 
 
