@@ -259,10 +259,10 @@ def test_data_parallel_ranks_stay_identical(tmp_path):
         (tmp_path / "out" / d).mkdir(parents=True)
     mp.spawn(_rank, args=(2, port, tmp_path / "out", tmp_path), nprocs=2, join=True)
     p0, p1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
-    assert "rotary.mixing.angles" in p0 and "rotary.log_freq_scale" in p0
+    assert "rotary.mixer.angles" in p0 and "rotary.angles.log_freq_scale" in p0
     for name in p0:
         assert torch.equal(p0[name], p1[name]), name
-    assert not torch.equal(p0["rotary.mixing.angles"], torch.zeros_like(p0["rotary.mixing.angles"]))  # it trained
+    assert not torch.equal(p0["rotary.mixer.angles"], torch.zeros_like(p0["rotary.mixer.angles"]))  # it trained
     # two ranks with half the batch each train like one process with the whole batch
     single = {}
     for d in ("runs", "checkpoints"):

@@ -25,7 +25,7 @@ def _model(mode="attention", xa=False, mixing="givens", dims=48, heads=4, layers
     model = Decoder(cfg).eval()
     with torch.no_grad():  # away from the identity, so that P and learned frequencies matter wherever tested
         for name, p in model.named_parameters():
-            if "mixing" in name or "log_freq_scale" in name:
+            if "mixer" in name or "log_freq_scale" in name:
                 p.normal_(std=0.1 if "log_freq_scale" in name else 1.0)
     return model
 
@@ -152,8 +152,8 @@ def test_fold_keeps_logits_and_exact_cache(mixing, interleaved, rotary_dim, tmp_
         assert rotary.fold(model) is model
         after = model(tokens, feats)
         inc = _incremental(model, tokens, feats, [5, 1, 1, 6])
-    assert model.rotary.mixing is None and model.config.mixing is None
-    assert not any("mixing" in k for k in model.state_dict())
+    assert model.rotary.mixer is None and model.config.mixing is None
+    assert not any("mixer" in k for k in model.state_dict())
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     assert (after - inc).abs().max() <= 1e-5
     save(model, tmp_path / "folded.pt")  # the folded config rebuilds a plain-RoPE model that loads strictly
@@ -184,7 +184,9 @@ def test_old_checkpoint_loads(tmp_path):
     tokens, feats = _inputs(xa=True)
     config = {**dataclasses.asdict(model.config), "positional": "rotary-attention"}
     del config["placement"]
-    state = {k.removeprefix("rotary."): v for k, v in model.state_dict().items()}
+    # P under its names of then: ``mixing.*`` at the top (later ``rotary.mixing.*``, now ``rotary.mixer.*``)
+    state = {(k.replace("rotary.mixer.", "mixing.", 1) if k.startswith("rotary.mixer.") else k): v
+             for k, v in model.state_dict().items()}
     assert "mixing.angles" in state
     torch.save({"config": config, "state_dict": state}, tmp_path / "old.pt")
     with torch.no_grad():
@@ -221,8 +223,8 @@ def test_save_load_roundtrip_bit_identical(mode, tmp_path):
 @pytest.mark.parametrize("mode", ["attention", "embedding"])
 def test_training_steps_update_rotary(mode):
     model = _model(mode, mixing="givens", learned_freq=True).train()
-    names = {"rotary.mixing.angles", "rotary.log_freq_scale"}  # one place for P, whatever the placement
-    assert {n for n, _ in model.named_parameters() if "mixing" in n or "rotary" in n} == names
+    names = {"rotary.mixer.angles", "rotary.angles.log_freq_scale"}  # one place for P, whatever the placement
+    assert {n for n, _ in model.named_parameters() if "mixer" in n or "rotary" in n} == names
     with torch.no_grad():
         for n in names:
             model.get_parameter(n).zero_()  # from the identity, as in real training

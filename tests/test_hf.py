@@ -132,7 +132,7 @@ def test_orthogonal_mixing_and_one_p_for_every_layer():
     stock = tiny()
     model = randomize(rotary.hf.install(copy.deepcopy(stock), mixing="orthogonal"))
     names = [n for n, _ in model.named_parameters() if "rotary" in n]
-    assert names and all(n.startswith("model.rotary.mixing.") for n in names)
+    assert names and all(n.startswith("model.rotary.mixer.") for n in names)
     ids = tokens()
     assert max_diff(logits(model, ids), logits(mixed_by_hand(stock, model), ids)) <= 1e-5
 
@@ -166,7 +166,7 @@ def test_training_updates_p_and_gradient_checkpointing_agrees():
         model.train()
         model(ids, labels=ids).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    angles = grads[0]["model.rotary.mixing.angles"]
+    angles = grads[0]["model.rotary.mixer.angles"]
     assert angles.abs().max() > 0
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
@@ -182,8 +182,8 @@ def test_learned_frequencies_start_at_the_models_angles_and_train(kind):
     assert max_diff(logits(model, ids), logits(stock, ids)) <= 1e-5
     model.train()
     model(ids, labels=ids).loss.backward()
-    assert model.model.rotary.log_freq_scale.grad.abs().max() > 0
-    assert model.model.rotary.mixing.angles.grad.abs().max() > 0
+    assert model.model.rotary.angles.log_freq_scale.grad.abs().max() > 0
+    assert model.model.rotary.mixer.angles.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize(
@@ -308,7 +308,7 @@ def test_fold_refuses_a_non_uniform_qk_norm_and_changes_nothing():
         rotary.fold(model)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert rotary.hf.installed(model) is not None and model.model.rotary.mixing is not None
+    assert rotary.hf.installed(model) is not None and model.model.rotary.mixer is not None
 
 
 def test_fold_with_learned_frequencies_keeps_the_angle_rotary(tmp_path, caplog):
@@ -319,7 +319,7 @@ def test_fold_with_learned_frequencies_keeps_the_angle_rotary(tmp_path, caplog):
         rotary.fold(model)
     assert "angles were changed" in caplog.text
     assert max_diff(logits(model, ids), before) <= 1e-5
-    assert model.model.rotary.mixing is None
+    assert model.model.rotary.mixer is None
     assert rotary.hf.installed(model) == {"mixing": None, "per_layer": False, "learned_freq": True, "scaling": None}
     model.save_pretrained(tmp_path)
     reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
@@ -359,7 +359,7 @@ def test_reload_errors_name_expected_and_found(tmp_path):
 
     per_layer = rotary.hf.install(tiny(), per_layer=True)
     state = load_file(tmp_path / "installed" / "model.safetensors")
-    expected = r"expects rotary tensors \['model.layers.0.self_attn.rotary.mixing.angles'.*found \['model.rotary"
+    expected = r"expects rotary tensors \['model.layers.0.self_attn.rotary.mixer.angles'.*found \['model.rotary"
     with pytest.raises(ValueError, match=expected):
         per_layer.load_state_dict(state, strict=False)
     per_layer.load_state_dict(tiny().state_dict(), strict=False)  # stock weights into an installed model: fine

@@ -35,7 +35,7 @@ def _stock(cls=WhisperForConditionalGeneration, **overrides):
 def _installed(placement="attention", stock=None, **options):
     model = rotary.hf.install(copy.deepcopy(stock if stock is not None else _stock()), placement=placement, **options)
     with torch.no_grad():
-        model.model.decoder.rotary.mixing.angles.normal_()  # away from the identity, so that P matters
+        model.model.decoder.rotary.mixer.angles.normal_()  # away from the identity, so that P matters
     return model
 
 
@@ -127,7 +127,7 @@ def test_only_decoder_self_attention_is_changed():
     assert all("forward" not in layer.encoder_attn.__dict__ for layer in dec.layers)
     assert all("forward" not in m.__dict__ for m in model.model.encoder.modules())
     assert sorted(k for k in model.state_dict() if k not in _stock().state_dict()) == [
-        "model.decoder.rotary._extra_state", "model.decoder.rotary.mixing.angles", "model.decoder.rotary.mixing.planes",
+        "model.decoder.rotary._extra_state", "model.decoder.rotary.mixer.angles", "model.decoder.rotary.mixer.planes",
     ]
 
 
@@ -175,7 +175,7 @@ def test_cache_holds_rotated_keys(feats, drift, scaling):
     with torch.no_grad():
         h = layer.self_attn_layer_norm(model.model.decoder.embed_tokens(ids))  # layer 0's self-attention input
         k = layer.self_attn.k_proj(h).unflatten(-1, (4, 16))  # (B, T, H, D)
-        rotated = model.model.decoder.rotary(k).transpose(1, 2)  # (B, H, T, D) at positions 0..8
+        rotated = model.model.decoder.rotary(k, layout="BTHD").transpose(1, 2)  # (B, H, T, D) at positions 0..8
     expected = rotated if scaling is None else k.transpose(1, 2)
     assert (cache.self_attention_cache.layers[0].keys - expected).abs().max().item() <= 1e-5
 
@@ -328,9 +328,9 @@ def test_seq2seq_trainer_updates_rotary_and_resumes(tmp_path):
         report_to=[], save_strategy="steps", save_steps=1, logging_strategy="no", disable_tqdm=True,
     )
     model = _installed("attention")
-    before = model.model.decoder.rotary.mixing.angles.detach().clone()
+    before = model.model.decoder.rotary.mixer.angles.detach().clone()
     Seq2SeqTrainer(model=model, args=args, train_dataset=data).train()
-    assert not torch.equal(before, model.model.decoder.rotary.mixing.angles.detach())
+    assert not torch.equal(before, model.model.decoder.rotary.mixer.angles.detach())
     checkpoint = str(tmp_path / "checkpoint-1")
     resumed = _installed("attention")
     Seq2SeqTrainer(model=resumed, args=args, train_dataset=data).train(resume_from_checkpoint=checkpoint)
@@ -349,7 +349,7 @@ def test_fold_attention_placement(feats):
     q_before = model.model.decoder.layers[0].self_attn.q_proj.weight.clone()
     rotary.fold(model)
     rot = model.model.decoder.rotary
-    assert rot.mixing is None and hw.installed_placement(model) == "attention"  # the RoPE itself stays
+    assert rot.mixer is None and hw.installed_placement(model) == "attention"  # the RoPE itself stays
     assert model.config.rotary["mixing"] is None  # a reload must not bring P back
     assert not torch.equal(q_before, model.model.decoder.layers[0].self_attn.q_proj.weight)
     cross = model.model.decoder.layers[0].encoder_attn.q_proj.weight
@@ -366,7 +366,7 @@ def test_fold_embedding_placement_is_an_error_and_changes_nothing():
     with pytest.raises(ValueError, match="expected placement='attention', found 'embedding'"):
         rotary.fold(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert model.model.decoder.rotary.mixing is not None
+    assert model.model.decoder.rotary.mixer is not None
 
 
 # ------------------------------------------------------------------------------------------------- save / reload
@@ -374,7 +374,7 @@ def test_fold_embedding_placement_is_an_error_and_changes_nothing():
 def test_save_pretrained_and_reload_bit_identical(tmp_path, feats, placement):
     model = _installed(placement, learned_freq=True)
     with torch.no_grad():
-        model.model.decoder.rotary.log_freq_scale.normal_(std=0.1)
+        model.model.decoder.rotary.angles.log_freq_scale.normal_(std=0.1)
     model.save_pretrained(tmp_path)
     loaded = rotary.hf.from_pretrained(WhisperForConditionalGeneration, tmp_path).eval()
     assert hw.installed_placement(loaded) == placement
@@ -392,7 +392,7 @@ def test_folded_model_reloads_without_mixing(tmp_path, feats):
     model = rotary.fold(_installed("attention"))
     model.save_pretrained(tmp_path)
     loaded = rotary.hf.from_pretrained(WhisperForConditionalGeneration, tmp_path).eval()
-    assert loaded.model.decoder.rotary.mixing is None
+    assert loaded.model.decoder.rotary.mixer is None
     ids = torch.randint(4, 96, (2, 8))
     assert torch.equal(_logits(model, feats, ids), _logits(loaded, feats, ids))
 
@@ -426,7 +426,7 @@ def test_whisper_model_and_copies(feats):
     model = rotary.hf.install(copy.deepcopy(stock))
     ids = torch.randint(4, 96, (2, 7))
     with torch.no_grad():
-        model.decoder.rotary.mixing.angles.normal_()
+        model.decoder.rotary.mixer.angles.normal_()
         full = model(feats, decoder_input_ids=ids).last_hidden_state
         clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
         assert torch.equal(clone(feats, decoder_input_ids=ids).last_hidden_state, full)

@@ -78,10 +78,12 @@ def test_matches_reference(mixing, interleaved, head_dim, rotary_dim, where):
 @pytest.mark.parametrize("mixing", MIXINGS)
 def test_four_dim_input_comes_back_four_dim(mixing):
     m = _module(mixing)
-    x = torch.randn(2, 5, m.heads, m.head_dim)
-    y = m(x)
+    x = torch.randn(2, 5, m.heads, m.head_dim)  # (B, T, H, D)
+    y = m(x, layout="BTHD")
     assert y.shape == x.shape
     torch.testing.assert_close(y.flatten(-2), m(x.flatten(-2)), atol=0, rtol=0)
+    # the default layout is (B, H, T, D), as in rotate_qk
+    torch.testing.assert_close(m(x.transpose(1, 2).contiguous()), y.transpose(1, 2), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
@@ -92,15 +94,15 @@ def test_fresh_module_is_plain_rope_and_alias(mixing, interleaved):
     plain = Rotary(24, fresh.heads, mixing=None, interleaved=interleaved)
     torch.testing.assert_close(fresh(x, offset=5), plain(x, offset=5), atol=1e-6, rtol=0)
     assert rotary is Rotary
-    assert rotary(dims=24, heads=3).mixing_kind == "givens"
-    assert rotary(dims=9, heads=3).mixing_kind == "quaternion"  # 3-dimensional heads
+    assert rotary(dims=24, heads=3).options.mixing == "givens"
+    assert rotary(dims=9, heads=3).options.mixing == "quaternion"  # 3-dimensional heads
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
 def test_norm_preserved(mixing):
     m = _module(mixing, head_dim=12, rotary_dim=8)
     x = torch.randn(3, 40, m.heads, m.head_dim)
-    y = m(x, offset=123)
+    y = m(x, offset=123, layout="BTHD")
     torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
 
 
@@ -112,8 +114,8 @@ def test_scores_depend_only_on_relative_position(mixing, interleaved):
     k = torch.randn(1, 1, m.heads, m.head_dim, dtype=torch.float64)
     scores = []
     for shift in (0, 17, 1000):
-        qr = m(q, offset=3 + shift)
-        kr = m(k, offset=10 + shift)
+        qr = m(q, offset=3 + shift, layout="BTHD")
+        kr = m(k, offset=10 + shift, layout="BTHD")
         scores.append((qr * kr).sum(-1))
     torch.testing.assert_close(scores[1], scores[0], atol=1e-9, rtol=0)
     torch.testing.assert_close(scores[2], scores[0], atol=1e-9, rtol=0)
@@ -138,13 +140,22 @@ def test_rotate_qk_with_cached_keys(mixing):
     q = torch.randn(B, H, 7, D)
     k = torch.randn(B, H, 7, D)
     q_full, k_full = m.rotate_qk(q, k, offset=2)
-    # (B, H, T, D) layout is the module's (B, T, H, D) transposed
-    torch.testing.assert_close(k_full, m(k.transpose(1, 2), offset=2).transpose(1, 2), atol=1e-6, rtol=0)
-    q_last, k_all = m.rotate_qk(q[:, :, -2:], k, offset=2)  # decoding: 2 new queries, 7 keys in the cache
+    # forward and rotate_qk take the same layout and the same offset: the first token's position
+    torch.testing.assert_close(k_full, m(k, offset=2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q_full, m(q, offset=2), atol=1e-6, rtol=0)
+    # decoding: 2 new queries at positions 7 and 8, 7 keys in the cache (positions 2 .. 8)
+    q_last, k_all = m.rotate_qk(q[:, :, -2:], k, offset=7)
     torch.testing.assert_close(q_last, q_full[:, :, -2:], atol=1e-6, rtol=0)
     torch.testing.assert_close(k_all, k_full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q_last, m(q[:, :, -2:], offset=7), atol=1e-6, rtol=0)
+    # a (B,) tensor offset means the same
+    q_t, k_t = m.rotate_qk(q[:, :, -2:], k, offset=torch.tensor([7, 7]))
+    torch.testing.assert_close(q_t, q_last, atol=1e-6, rtol=0)
+    torch.testing.assert_close(k_t, k_all, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="at least q's length"):
         m.rotate_qk(q, k[:, :, :3])
+    with pytest.raises(ValueError, match="must be at least 5"):  # the keys would start at -1
+        m.rotate_qk(q[:, :, -2:], k, offset=4)
 
 
 @pytest.mark.parametrize("mixing", MIXINGS)
@@ -209,9 +220,9 @@ def test_meta_device_construction(mixing):
 
 def test_dtype_casts_leave_angles_in_float32_and_bf16_is_exact_at_large_positions():
     m = Rotary(64, 2, mixing=None).to(torch.bfloat16)
-    assert m.cos_cached.dtype == torch.float32
+    assert m.angles.cos_table.dtype == torch.float32
     x = torch.randn(1, 16, 2, 32).to(torch.bfloat16)
-    y = m(x, offset=100_000)
+    y = m(x, offset=100_000, layout="BTHD")
     ref = rotary_reference(x, torch.arange(100_000, 100_016))
     err = (y.double() - ref).abs()
     assert bool((err <= ulp(ref, torch.bfloat16)).all())
@@ -222,7 +233,7 @@ def test_bf16_with_mixing_rounds_once(mixing):
     m = _randomise(Rotary(64, 2, mixing=mixing), 0.5).to(torch.bfloat16)
     x = torch.randn(2, 8, 2, 32).to(torch.bfloat16)
     pos = torch.arange(5000, 5008)
-    y = m(x, offset=5000)
+    y = m(x, offset=5000, layout="BTHD")
     assert y.dtype == torch.bfloat16
     # the cast rounded the mixing parameters to bf16: the float64 reference uses those same rounded values (P is
     # built from them in float64), so what remains is the output's single rounding
@@ -232,10 +243,10 @@ def test_bf16_with_mixing_rounds_once(mixing):
 
 def test_table_grows_in_eager_mode():
     m = Rotary(16, 2, mixing=None)
-    start = m.cos_cached.shape[0]
+    start = m.angles.cos_table.shape[0]
     x = torch.randn(1, 3, 16)
     y = m(x, offset=start + 10)
-    assert m.cos_cached.shape[0] >= start + 13
+    assert m.angles.cos_table.shape[0] >= start + 13
     torch.testing.assert_close(y.double(), rotary_reference(x.view(1, 3, 2, 8), torch.arange(start + 10, start + 13)).view(1, 3, 16),
                                atol=1e-5, rtol=0)
 
@@ -297,7 +308,7 @@ def test_gradients_low_precision_and_strided_upstream(mixing, interleaved, case)
     else:
         x = torch.randn(B, T, m.heads, m.head_dim, requires_grad=True)
         g = torch.randn(T, B, m.heads, m.head_dim).transpose(0, 1)  # not contiguous
-    (gx,) = torch.autograd.grad(m(x, offset=7), x, g)
+    (gx,) = torch.autograd.grad(m(x, offset=7, layout="BTHD"), x, g)
     xd = x.detach().double().requires_grad_()
     (gref,) = torch.autograd.grad(_reference(m, xd, pos), xd, g.double())
     if case == "bf16":
@@ -324,8 +335,8 @@ def test_grouped_query_keys_and_layouts_match_reference(mixing, layout, kv_heads
 
     q, q_bthd = make(m.heads, Tq)
     k, k_bthd = make(kv_heads, Tk)
-    offset = torch.tensor([5, 40])
-    qr, kr = m.rotate_qk(q, k, offset=offset, layout=layout)
+    offset = torch.tensor([5, 40])  # of the first key: the first query sits Tk - Tq later
+    qr, kr = m.rotate_qk(q, k, offset=offset + (Tk - Tq), layout=layout)
     pos = offset[:, None] + torch.arange(Tk)
     to_bthd = (lambda t: t) if layout == "BTHD" else (lambda t: t.transpose(1, 2))
     torch.testing.assert_close(to_bthd(kr).double(), _reference(m, k_bthd, pos), atol=1e-5, rtol=0)
@@ -359,9 +370,9 @@ def test_tensor_offsets_index_the_table_and_compute_only_rows_past_it(where):
         expect = torch.stack([m(x[i : i + 1], offset=int(o))[0] for i, o in enumerate(offset)])
         assert torch.equal(y, expect)  # the same table rows as an int offset
     far = torch.tensor([[3, -2, 1 << 20, 7]] * 3)  # negative, inside, past the largest table
-    rows = m.cos_cached.shape[0]
+    rows = m.angles.cos_table.shape[0]
     y = m(x, positions=far)
-    assert m.cos_cached.shape[0] == rows  # 1 << 20 is past _MAX_TABLE: no growth to a giant table
+    assert m.angles.cos_table.shape[0] == rows  # 1 << 20 is past _MAX_TABLE: no growth to a giant table
     ref = rotary_reference(x.view(3, 4, 2, 16), far).view(3, 4, 32)
     torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=0)
 
@@ -392,7 +403,7 @@ def test_inference_path_equals_training_path(mixing, interleaved, rotary_dim, dt
     elif where == "BHTD-view":
         x, layout = x.transpose(1, 2), "BHTD"
     elif where == "past-table":
-        offset = m.cos_cached.shape[0] - 1  # the general path grows the table for these rows
+        offset = m.angles.cos_table.shape[0] - 1  # the general path grows the table for these rows
 
     def both():
         with torch.no_grad():
@@ -409,7 +420,7 @@ def test_inference_path_equals_training_path(mixing, interleaved, rotary_dim, dt
     assert same(fast, slow)
     if mixing is not None:
         with torch.no_grad():
-            for p in m.mixing.parameters():
+            for p in m.mixer.parameters():
                 p.add_(0.3)
         fast2, slow2 = both()
         assert same(fast2, slow2) and not torch.equal(fast2, fast)
@@ -421,3 +432,58 @@ def test_inference_path_equals_training_path(mixing, interleaved, rotary_dim, dt
     q_slow, k_slow = m.rotate_qk(last.detach().requires_grad_(), x.detach().requires_grad_(), offset=offset,
                                  layout=layout)
     assert same(q, q_slow.detach()) and same(k, k_slow.detach())
+
+
+def test_old_state_dict_keys_load():
+    """0.1 checkpoints named P ``mixing.*`` and kept ``log_freq_scale`` / ``directions.*`` on the module itself."""
+    m = Rotary(24, 3, learned_freq=True)
+    with torch.no_grad():
+        m.mixer.angles.normal_()
+        m.angles.log_freq_scale.normal_(std=0.1)
+    old = {k.replace("mixer.", "mixing.").replace("angles.log_freq_scale", "log_freq_scale"): v
+           for k, v in m.state_dict().items()}
+    assert "mixing.angles" in old and "log_freq_scale" in old
+    fresh = Rotary(24, 3, learned_freq=True)
+    fresh.load_state_dict(old)  # strict: every key is placed
+    x = torch.randn(2, 5, 24)
+    assert torch.equal(fresh(x, offset=3), m(x, offset=3))
+    nd = Rotary(24, 2, axes=2, directions="mixed")
+    with torch.no_grad():
+        nd.angles.directions.weight.add_(0.3)
+    fresh_nd = Rotary(24, 2, axes=2, directions="mixed")
+    fresh_nd.load_state_dict({k.replace("angles.directions.", "directions."): v for k, v in nd.state_dict().items()})
+    assert torch.equal(fresh_nd.angles.directions.weight, nd.angles.directions.weight)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"learned_freq": 1}, "learned_freq must be True or False"),
+    ({"interleaved": "yes"}, "interleaved must be True or False"),
+    ({"base": "10000"}, "base must be a number"),
+    ({"axes": True}, "axes must be 1, 2 or 3"),
+])
+def test_flags_and_numbers_are_typed(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Rotary(16, 2, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"mixing": None, "interleaved": False, "rotary_dim": 6},
+    {"learned_freq": True, "scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    {"axes": 2, "directions": "sections", "sections": [1, 3]},
+    {"dims": 9, "heads": 3},  # givens on 3-dimensional heads is built (and recorded) as the quaternion rotation
+])
+def test_options_round_trip_through_json(kwargs):
+    import json
+
+    from rotary.core.options import RotaryOptions
+
+    m = Rotary(**{"dims": 16, "heads": 2, **kwargs})
+    record = json.loads(json.dumps(m.options.to_dict()))  # what config.json holds
+    rebuilt = Rotary.from_options(RotaryOptions.from_dict(record))
+    assert rebuilt.options == m.options and repr(rebuilt) == repr(m)
+    assert rebuilt.state_dict().keys() == m.state_dict().keys()
+    assert m.options.mixing == (None if kwargs.get("mixing", "givens") is None else
+                                "quaternion" if kwargs.get("dims") == 9 else "givens")
+    with pytest.raises(ValueError, match="unknown rotary options \\['typo'\\]"):
+        RotaryOptions.from_dict({**record, "typo": 1})

@@ -30,7 +30,7 @@ def _stock() -> Whisper:
 def _installed(placement, stock=None, **options):
     model = rw.install(copy.deepcopy(stock) if stock is not None else _stock(), placement=placement, **options)
     with torch.no_grad():
-        model.decoder.rotary.mixing.angles.normal_()  # away from the identity, so that P matters
+        model.decoder.rotary.mixer.angles.normal_()  # away from the identity, so that P matters
     return model
 
 
@@ -120,7 +120,7 @@ def test_installed_model_computes_a_rotary_decoder(placement, features):
     state = {k.removeprefix("decoder."): v for k, v in model.state_dict().items() if k.startswith("decoder.")}
     # Same parameter names as whisper's, but no learned table: the attention placement bypasses whisper's,
     # the embedding placement adds it (zeroed here to match).
-    del state["positional_embedding"]  # P has the same name in both: decoder.rotary.mixing.*
+    del state["positional_embedding"]  # P has the same name in both: decoder.rotary.mixer.*
     ref.load_state_dict(state, strict=True)
     tokens = torch.randint(0, DIMS.n_vocab, (2, 9))
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_transcribe_runs(audio):
 def test_training_steps_update_rotary(placement, features):
     model = rw.install(_stock(), placement=placement, learned_freq=True).train()
     names = {n for n, _ in model.named_parameters() if "rotary" in n}
-    assert names == {"decoder.rotary.mixing.angles", "decoder.rotary.log_freq_scale"}
+    assert names == {"decoder.rotary.mixer.angles", "decoder.rotary.angles.log_freq_scale"}
     start = {n: p.detach().clone() for n, p in model.decoder.rotary.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     tokens = torch.randint(0, DIMS.n_vocab, (2, 10))
@@ -190,8 +190,8 @@ def test_fold_keeps_logits_and_cache(features):
         assert rotary.fold(model) is model
         after = model.logits(tokens, features)
         cached = _cached_logits(model, tokens, features)
-    assert model.decoder.rotary.mixing is None
-    assert not any("mixing" in k for k in model.state_dict())
+    assert model.decoder.rotary.mixer is None
+    assert not any("mixer" in k for k in model.state_dict())
     assert (after - before).abs().max() <= _tol(before, 16)
     assert (after - cached).abs().max() <= _tol(after)
     # A folded state_dict loads strictly into a model installed with mixing=None.
@@ -209,7 +209,7 @@ def test_fold_refuses_embedding_placement(features):
         with pytest.raises(ValueError, match="embedding placement cannot be folded"):
             rotary.fold(model)
         assert torch.equal(model.logits(tokens, features), before)
-    assert model.decoder.rotary.mixing is not None
+    assert model.decoder.rotary.mixer is not None
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -228,13 +228,13 @@ def test_state_dict_round_trip_bit_identical(placement, features):
 def test_rotary_registered_once_and_copies_are_independent(features):
     model = _installed("attention")
     keys = [k for k in model.state_dict() if "rotary" in k]
-    assert keys == ["decoder.rotary.mixing.angles", "decoder.rotary.mixing.planes"]
+    assert keys == ["decoder.rotary.mixer.angles", "decoder.rotary.mixer.planes"]
     twin = copy.deepcopy(model)
     tokens = torch.randint(0, DIMS.n_vocab, (1, 5))
     with torch.no_grad():
         before = model.logits(tokens, features[:1])
         assert torch.equal(twin.logits(tokens, features[:1]), before)
-        twin.decoder.rotary.mixing.angles.add_(1.0)  # the copy's layers must use the copy's rotary
+        twin.decoder.rotary.mixer.angles.add_(1.0)  # the copy's layers must use the copy's rotary
         assert not torch.equal(twin.logits(tokens, features[:1]), before)
         assert torch.equal(model.logits(tokens, features[:1]), before)
     buffer = io.BytesIO()

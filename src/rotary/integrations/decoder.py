@@ -12,10 +12,10 @@ Data flow: tokens -> embedding (+ learned or sinusoidal table; -> Rotary in the 
 placement; optional cross-attention to ``xa``, never rotated; MLP) -> LayerNorm -> logits tied to the token
 embedding. Like whisper's decoder, it computes in the dtype of ``xa`` when given one (weights are cast on use).
 
-P lives in the Rotary (``Decoder.rotary.mixing``, as in every other install). In the attention placement
+P lives in the Rotary (``Decoder.rotary.mixer``, as in every other install). In the attention placement
 ``R(m) P (W_q x + b_q) = R(m) ((P W_q) x + P b_q)`` per head, so the decoder applies P to the q and k projection
 weights, ``(H, D, D) @ (H, D, C)`` once per forward, instead of to every activation, and asks the Rotary for
-RoPE alone (``mix=False``): training then costs what plain RoPE costs plus a few tiny matmuls. This is
+RoPE alone (``Rotary.rope``): training then costs what plain RoPE costs plus a few tiny matmuls. This is
 :func:`rotary.fold` done differentiably each step; after ``fold`` the product is stored and even that goes. In
 the embedding placement P acts on the residual stream and the Rotary applies it.
 
@@ -214,8 +214,8 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, self.heads, self.head_dim)
         v = self.value(x).view(B, T, self.heads, self.head_dim)
         if rotary is not None:  # P, if any, is already in the weights
-            q = rotary(q, offset=offset, mix=False)
-            k = rotary(k, offset=offset, mix=False)
+            q = rotary.rope(q, offset=offset, layout="BTHD")
+            k = rotary.rope(k, offset=offset, layout="BTHD")
         if cache is not None:
             if layer < len(cache.keys):
                 k = torch.cat([cache.keys[layer], k], dim=1)  # (B, S, H, D)
@@ -373,7 +373,7 @@ class Decoder(nn.Module):
     def prepare_fold(self):
         """:class:`rotary.fold.Foldable`: P into every block's query and key projections (attention placement);
         the config's ``mixing`` becomes None, so that checkpoints rebuild the folded model."""
-        if self.rotary is None or self.rotary.mixing is None:
+        if self.rotary is None or self.rotary.mixer is None:
             return None
         check_placement(self.config.placement)
 

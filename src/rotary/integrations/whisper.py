@@ -56,10 +56,10 @@ class WhisperRotary(Rotary):
         self.attention_layers: list[nn.Module] = []  # plain references, not submodules: whisper owns them
         self.offset = 0  # position of the first new token of the running decoder forward (set by it)
         # keys can be cached rotated unless every angle moves with the sequence length
-        self.caches_rotated_keys = not self._length_dependent
+        self.caches_rotated_keys = not self.length_dependent
 
     def prepare_fold(self):
-        if self.mixing is None:
+        if self.mixer is None:
             return None
         check_placement(self.placement)
         layers = list(self.attention_layers)

@@ -20,7 +20,7 @@ def _demo(args: argparse.Namespace) -> int:
     dims, heads = args.dims, args.heads
     m = Rotary(dims, heads)  # givens mixing, the default
     with torch.no_grad():  # pretend it was trained: non-trivial angles
-        m.mixing.angles.uniform_(-3.14, 3.14)
+        m.mixer.angles.uniform_(-3.14, 3.14)
     head_dim = dims // heads
     print(f"{m}\n")
 

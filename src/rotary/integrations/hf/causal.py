@@ -62,9 +62,9 @@ class CausalRotary(Rotary):
 
     def __init__(self, dims: int, heads: int, *, angles: bool, **rotary_options):
         super().__init__(dims, heads, interleaved=False, **rotary_options)
-        self.angles = angles
+        self.computes_angles = angles
         if not angles:  # P only: the model computes the angles, so no cos/sin table (one per layer with per_layer)
-            self._build_tables(0, device=self.cos_cached.device)
+            self.angles.build_table(0)
         # Plain references (lists are not registered): the model owns these modules.
         self.attentions: list[nn.Module] = []
         self.home: list = []  # [parent module, attribute name] where this rotary is registered
@@ -72,7 +72,7 @@ class CausalRotary(Rotary):
 
     def prepare_fold(self):
         """Check that P folds exactly into the projections of its attentions; return the action that does it."""
-        if self.mixing is None:
+        if self.mixer is None:
             return None
         for i, attn in enumerate(self.attentions):
             for name in ("q_norm", "k_norm"):
@@ -94,7 +94,7 @@ class CausalRotary(Rotary):
             fold_mixing(P, *(p for a in self.attentions for p in (a.q_proj, a.k_proj)))
             for attn in self.attentions:
                 _remove_mixing_from(attn)
-            if not self.angles:
+            if not self.computes_angles:
                 parent, name = self.home
                 delattr(parent, name)
             else:
@@ -150,7 +150,7 @@ class _RotaryEmbeddingForward:
     def __call__(self, x: Tensor, position_ids: Tensor, layer_type=None) -> tuple[Tensor, Tensor]:
         if layer_type is not None:
             raise ValueError(f"rotary computes one set of angles for all layers, got layer_type={layer_type!r}")
-        scaling = self.rotary.scaling
+        scaling = self.rotary.angles.scaling
         # transformers evaluates length-dependent schemes (dynamic, longrope) at max(position_ids) + 1 for the
         # whole batch: the same here (a tensor, so no host sync and nothing for torch.compile to guard on)
         length = position_ids.amax() + 1 if scaling is not None and scaling.depends_on_length else None
@@ -368,7 +368,7 @@ def install(
             setattr(parent, name, rotary)
             rotary.home[:] = [parent, name]
             rotary.base_model[:] = [base]
-            if rotary.mixing is None:
+            if rotary.mixer is None:
                 continue
             for a in owned:
                 rotary.attentions.append(a.module)
@@ -402,7 +402,7 @@ def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device) -> None:
     if not error <= 1e-4:  # float32 angles (transformers) against float64 ones, positions < 32
         raise ValueError(
             f"rotary cannot reproduce this model's RoPE ({type(rotary_emb).__name__}, rope_parameters "
-            f"{rotary.scaling}): cos/sin differ by {error:.3g}, so learned_freq/scaling cannot replace it"
+            f"{rotary.options.scaling}): cos/sin differ by {error:.3g}, so learned_freq/scaling cannot replace it"
         )
 
 
@@ -463,7 +463,7 @@ def _sync_record(base: nn.Module) -> None:
     if not rotaries:
         _remove(base)
         forget(config)
-    elif options is not None and all(r.mixing is None for r in rotaries):
+    elif options is not None and all(r.mixer is None for r in rotaries):
         record(config, dict(options, mixing=None, per_layer=False))
 
 

@@ -87,28 +87,28 @@ class WhisperRotary(Rotary):
         self.attention_layers: list[nn.Module] = []  # plain references, not submodules: transformers owns them
         self.host_config = None  # the model's config, whose install record a fold updates
         # keys can be cached rotated unless every angle moves with the sequence length (dynamic NTK, LongRoPE)
-        self.caches_rotated_keys = not self._length_dependent
+        self.caches_rotated_keys = not self.length_dependent
 
-    def options(self) -> dict:
+    def install_options(self) -> dict:
         """The keyword arguments of :func:`install` that rebuild this rotary (after a fold: ``mixing=None``)."""
         return {
             "placement": self.placement,
             "learned_positions": self.learned_positions,
-            "mixing": self.mixing_kind,
+            "mixing": self.options.mixing,
             "interleaved": self.interleaved,
             "rotary_dim": self.rotary_dim,
             "base": self.base,
-            "learned_freq": self.log_freq_scale is not None,
+            "learned_freq": self.angles.log_freq_scale is not None,
             "scaling": self.scaling_options,
         }
 
     def get_extra_state(self) -> Tensor:
         # A uint8 tensor rather than a dict: safetensors (save_pretrained) stores tensors only.
-        text = json.dumps({"format": _EXTRA_STATE_FORMAT, **self.options()}, sort_keys=True)
+        text = json.dumps({"format": _EXTRA_STATE_FORMAT, **self.install_options()}, sort_keys=True)
         return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
-        found, expected = _extra_state_options(state), self.options()
+        found, expected = _extra_state_options(state), self.install_options()
         if found != expected:
             raise ValueError(
                 f"this checkpoint's rotary was installed with {dict(sorted(found.items()))}, but this model's with "
@@ -117,7 +117,7 @@ class WhisperRotary(Rotary):
             )
 
     def prepare_fold(self) -> Callable[[], None] | None:
-        if self.mixing is None:
+        if self.mixer is None:
             return None
         check_placement(self.placement)
         projections = [p for a in self.attention_layers for p in (a.q_proj, a.k_proj)]
@@ -125,7 +125,7 @@ class WhisperRotary(Rotary):
         def action():
             fold_mixing(self.remove_mixing(), *projections)
             if self.host_config is not None:
-                record(self.host_config, self.options())  # mixing=None: a reload must not bring P back
+                record(self.host_config, self.install_options())  # mixing=None: a reload must not bring P back
 
         return action
 
@@ -191,7 +191,7 @@ class _SelfAttentionForward:
             q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
             if cache is not None:
                 k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)
-            q, k = self.rotary.rotate_qk(q, k)
+            q, k = self.rotary.rotate_qk(q, k, offset=k.shape[2] - q.shape[2])
         attention = self.attention_functions.get_interface(a.config._attn_implementation, self.eager)
         out, weights = attention(
             a, q, k, v, attention_mask,
@@ -330,7 +330,7 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
         learned_positions=bool(learned_positions), **rotary_options,
     ).to(decoder.embed_tokens.weight.device)
 
-    record(config, rot.options())
+    record(config, rot.install_options())
     rot.host_config = config
     decoder.rotary = rot
     if placement == "attention":

@@ -65,12 +65,12 @@ def ours_module(mixing: str | None, interleaved: bool):
         from rotary import Rotary
 
         m = Rotary(shape.heads * shape.head_dim, shape.heads, mixing=mixing, interleaved=interleaved).to(device)
-        if m.mixing is not None:
+        if m.mixer is not None:
             with torch.no_grad():  # a trained-looking P, not the identity
                 for p in m.parameters():
                     p.normal_(std=0.1, generator=generator)
         x = _x(shape, dtype, device, generator)
-        return Case(lambda: m(x, offset=shape.offset), [x, *m.parameters()])
+        return Case(lambda: m(x, offset=shape.offset, layout="BTHD"), [x, *m.parameters()])
 
     return build
 

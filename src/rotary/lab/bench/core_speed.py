@@ -42,15 +42,15 @@ def suite(*, quick: bool, device: torch.device, seed: int, repeats: int | None, 
     plain = Rotary(H * D, H, mixing=None).to(device)
     givens = Rotary(H * D, H).to(device)
     with torch.no_grad():
-        givens.mixing.angles.normal_(generator=gen)
+        givens.mixer.angles.normal_(generator=gen)
     angles = rotary_angles(torch.arange(T, device=device), inverse_frequencies(D, 10000.0, device=device))
     cos, sin = angles.cos().float(), angles.sin().float()
     xg = x.clone().requires_grad_()
     fns = {
         "clone": lambda: x.clone(),
         "apply_rotary fwd": lambda: apply_rotary(x, cos, sin),
-        "Rotary(None) fwd+bwd": _fwd_bwd(plain, xg, [], gen),
-        "Rotary(givens) fwd+bwd": _fwd_bwd(givens, xg, list(givens.parameters()), gen),
+        "Rotary(None) fwd+bwd": _fwd_bwd(lambda x: plain(x, layout="BTHD"), xg, [], gen),
+        "Rotary(givens) fwd+bwd": _fwd_bwd(lambda x: givens(x, layout="BTHD"), xg, list(givens.parameters()), gen),
     }
     try:
         from rotary_embedding_torch import RotaryEmbedding

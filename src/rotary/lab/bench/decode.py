@@ -42,10 +42,10 @@ def per_call(*, batches=(1, 16), offset: int = 4096, calls: int = 200, repeats: 
     plain = Rotary(HEADS * HEAD_DIM, HEADS, mixing=None)
     givens = Rotary(HEADS * HEAD_DIM, HEADS, mixing="givens")
     with torch.no_grad():
-        givens.mixing.angles.uniform_(-3.0, 3.0, generator=generator)
+        givens.mixer.angles.uniform_(-3.0, 3.0, generator=generator)
     for m in (plain, givens):
-        m(torch.zeros(1, 1, HEADS, HEAD_DIM), offset=offset + 128)  # grow the tables outside the timed region
-    freqs_cis = plain.cis_cached  # (rows, 32) complex64: Meta's precomputed table
+        m(torch.zeros(1, 1, HEADS, HEAD_DIM), offset=offset + 128, layout="BTHD")  # grow the tables outside the timed region
+    freqs_cis = plain.angles.cis_table  # (rows, 32) complex64: Meta's precomputed table
     out = {}
     for B in batches:
         x = torch.randn(B, 1, HEADS, HEAD_DIM, generator=generator)
@@ -58,9 +58,9 @@ def per_call(*, batches=(1, 16), offset: int = 4096, calls: int = 200, repeats: 
 
         fns = {
             BARE: bare,
-            INT: lambda x=x: plain(x, offset=offset),
-            TENSOR: lambda x=x, offsets=offsets: plain(x, offset=offsets),
-            GIVENS: lambda x=x: givens(x, offset=offset),
+            INT: lambda x=x: plain(x, offset=offset, layout="BTHD"),
+            TENSOR: lambda x=x, offsets=offsets: plain(x, offset=offsets, layout="BTHD"),
+            GIVENS: lambda x=x: givens(x, offset=offset, layout="BTHD"),
             "rotate_qk, 1 query and 100 keys": lambda x=x, k=keys: plain.rotate_qk(x.transpose(1, 2), k, offset=offset),
         }
         timed = {name: _repeat(fn, calls) for name, fn in fns.items()}
@@ -120,7 +120,7 @@ def whisper_decode(*, lengths=LENGTHS, repeats: int = 5, seed: int = 0,
     stock = whisper_model(generator, tiny=tiny)
     installed = rotary.whisper.install(copy.deepcopy(stock), placement="attention", mixing="givens")
     with torch.no_grad():
-        installed.decoder.rotary.mixing.angles.uniform_(-3.0, 3.0, generator=generator)
+        installed.decoder.rotary.mixer.angles.uniform_(-3.0, 3.0, generator=generator)
     folded = rotary.fold(copy.deepcopy(installed))
     models = {"stock": stock, "installed (givens, unfolded)": installed, "folded": folded}
     mel = torch.randn(1, 80, 2 * stock.dims.n_audio_ctx, generator=generator)

@@ -66,7 +66,7 @@ def _model(sizes: Sizes, device, placement: str | None, mixing: str | None, gene
     cfg = DecoderConfig(vocab=sizes.vocab, ctx=ctx or sizes.seq, dims=sizes.dims, heads=sizes.heads,
                         layers=sizes.layers, mixing=mixing, **where)
     model = Decoder(cfg).to(device)
-    mixing = None if model.rotary is None else model.rotary.mixing
+    mixing = None if model.rotary is None else model.rotary.mixer
     if mixing is not None:
         with torch.no_grad():  # trained-looking parameters; the cost does not depend on them
             for p in mixing.parameters():
@@ -105,7 +105,7 @@ def rotations(rot: rotary.Rotary, shapes: list[tuple[int, ...]], device, generat
     params = list(rot.parameters())
 
     def run():
-        ys = [rot(x) for x in xs]
+        ys = [rot(x, layout="BTHD") for x in xs]  # (B, T, dims) or (B, T, H, D)
         torch.autograd.grad(ys, xs + params, grads)
 
     return run
@@ -118,7 +118,7 @@ def attention_rotary_work(model: Decoder, batch: int, seq: int, device, generato
     heads, head_dim = model.config.heads, model.config.head_dim
     xs = [torch.randn(batch, seq, heads, head_dim, device=device, generator=generator, requires_grad=True)
           for _ in range(2 * model.config.layers)]
-    mixing = model.rotary.mixing
+    mixing = model.rotary.mixer
     weights = [] if mixing is None else [
         w for b in model.blocks for w in (b.attn.query.weight, b.attn.query.bias, b.attn.key.weight)
     ]
@@ -126,7 +126,7 @@ def attention_rotary_work(model: Decoder, batch: int, seq: int, device, generato
     params = [] if mixing is None else list(mixing.parameters()) + weights
 
     def run():
-        outs = [model.rotary(x, mix=False) for x in xs]
+        outs = [model.rotary.rope(x, layout="BTHD") for x in xs]
         if mixing is not None:
             P = mixing.matrix(torch.float32)
             outs += [mix_rows(w, P) for w in weights]

@@ -46,7 +46,7 @@ def install(stock, generator: torch.Generator, **options):
     """A copy of ``stock`` with a rotary installed and trained-looking mixing parameters."""
     model = rotary.hf.install(copy.deepcopy(stock), **options)
     with torch.no_grad():  # the cost does not depend on the values
-        for p in model.model.decoder.rotary.mixing.parameters():
+        for p in model.model.decoder.rotary.mixer.parameters():
             p.copy_(torch.randn(p.shape, generator=generator, device=p.device) * 0.1)
     return model
 

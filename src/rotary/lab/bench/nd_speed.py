@@ -32,7 +32,7 @@ def _fwd_bwd(module, x, g, positions):
     params = [p for p in module.parameters() if p.requires_grad]
 
     def run():
-        y = module(x) if positions is None else module(x, positions=positions)
+        y = module(x, layout="BTHD") if positions is None else module(x, positions=positions, layout="BTHD")
         torch.autograd.grad(y, [x, *params], g)
 
     return run

@@ -144,11 +144,11 @@ def evaluate(model: Decoder, task: Task, seed: int, length: int, batches: int, b
 
 def _scaled_copy(rotary: Rotary, scaling: dict) -> Rotary:
     """The same trained Rotary (parameters and all) with a frequency-scaling scheme added."""
-    scaled = Rotary(rotary.dims, rotary.heads, base=rotary.base, mixing=rotary.mixing_kind,
+    scaled = Rotary(rotary.dims, rotary.heads, base=rotary.base, mixing=rotary.options.mixing,
                     interleaved=rotary.interleaved, rotary_dim=rotary.rotary_dim,
-                    learned_freq=rotary.log_freq_scale is not None, scaling=scaling)
+                    learned_freq=rotary.angles.log_freq_scale is not None, scaling=scaling)
     scaled.load_state_dict(rotary.state_dict())
-    return scaled.to(rotary.cos_cached.device)
+    return scaled.to(rotary.angles.cos_table.device)
 
 
 def evaluate_scaled(model: Decoder, task: Task, seed: int, cfg: TrainConfig, device) -> dict:
