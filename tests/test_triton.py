@@ -311,3 +311,31 @@ def test_compile_fullgraph_traces_the_custom_op(fresh_dynamo):
     for got, t in zip(grads, (x, freqs, g.angles)):
         torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1  # one graph (fullgraph: no break), compiled once
+
+
+@pytest.mark.parametrize("layout, cos_shape", [
+    ("BTHD", (T, 1, 4)), ("BHTD", (T, 4)), ("BHTD", (B, 1, T, 4)), ("BTHD", (B, T, H, 4)), ("BHTD", (B, H, T, 4)),
+])
+def test_rotate_takes_functional_contract(layout, cos_shape):
+    """kernel.rotate (Rotary's general path on the Triton kernel): cos/sin broadcast against x[..., :r/2] in x's
+    own layout, gradients of x, cos, sin and the Givens angles."""
+    g = givens_module(8, True)
+    x = torch.randn((B, T, H, D) if layout == "BTHD" else (B, H, T, D), device=DEVICE, requires_grad=True)
+    a = torch.randn(cos_shape, device=DEVICE)
+    cos, sin = a.cos().requires_grad_(), a.sin().requires_grad_()
+    y = kernel.rotate(x, cos, sin, interleaved=True, givens=g.coefficients())
+
+    def bthd(t):  # x's layout -> (B, T, H, ...)
+        return t if layout == "BTHD" else t.transpose(1, 2)
+
+    angles = g.angles.detach().double().cpu().requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    cd, sd = cos.detach().double().requires_grad_(), sin.detach().double().requires_grad_()
+    shape = x.shape[:-1] + (4,)
+    ref = reference(bthd(xd), bthd(cd.expand(shape)), bthd(sd.expand(shape)), True, g, angles)
+    close(bthd(y), ref)
+    grad = torch.randn_like(ref)
+    bthd(y).backward(grad.float())
+    ref.backward(grad)
+    for got, want in ((x.grad, xd.grad), (cos.grad, cd.grad), (sin.grad, sd.grad), (g.angles.grad, angles.grad)):
+        close(got, want, atol=1e-4)

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .functional import rotate as torch_rotate
 
-__all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "triton_available", "varlen_positions"]
+__all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "rotate", "triton_available", "varlen_positions"]
 
 MODES = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's inputs (float32 arithmetic)
@@ -245,6 +245,22 @@ def _triton_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, i
     args = (cos, sin, pos, offs, givens, off, table, interleaved)
     y, yk = rope_inplace(x, k, *args) if inplace else rope_forward(x, k, *args, x.dtype)
     return (None, y) if xq is None else (y, yk)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=None, out_dtype=None) -> Tensor:
+    """:func:`rotary.core.functional.rotate` through the Triton kernel, for a 4-D x: cos/sin broadcastable to
+    ``x[..., :r/2]`` (e.g. ``(T, 1, r/2)`` against ``(B, T, H, D)``, ``(B, 1, T, r/2)`` against ``(B, H, T, D)``,
+    per head ``(B, T, H, r/2)``), already validated by the caller; their gradients flow."""
+    lead = (1,) * (4 - cos.dim())
+    c4, s4 = cos.view(lead + tuple(cos.shape)), sin.view(lead + tuple(sin.shape))
+    swap = c4.shape[1] == 1 and c4.shape[2] > 1  # time on axis 2: the kernel wants its rows on axis 1
+    xv = x.transpose(1, 2) if swap else x
+    if swap:
+        c4, s4 = c4.transpose(1, 2), s4.transpose(1, 2)
+    from .triton_ops import rope_forward
+
+    y, _ = rope_forward(xv, None, c4, s4, None, None, givens, 0, False, interleaved, out_dtype or x.dtype)
+    return y.transpose(1, 2) if swap else y
 
 
 def _torch_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, inplace):
