@@ -16,7 +16,9 @@ from torch import Tensor
 
 __all__ = [
     "apply_rotary_reference",
+    "attention_factor_reference",
     "direction_vectors_reference",
+    "frequencies_reference",
     "givens_matrix_reference",
     "orthogonal_matrix_reference",
     "quaternion_matrix_reference",
@@ -81,6 +83,98 @@ def rotary_reference(
     if mixing is not None:
         xd = torch.einsum("de,bthe->bthd", mixing.double(), xd)
     return apply_rotary_reference(xd, angles.cos(), angles.sin(), interleaved=interleaved)
+
+
+def frequencies_reference(
+    rotary_dim: int,
+    base: float = 10000.0,
+    *,
+    scaling: dict | None = None,
+    length: int | None = None,
+    log_scale: list[float] | None = None,
+) -> list[float]:
+    """The frequencies ``w_i`` ``(r/2)`` as Python floats, from the schemes' published definitions.
+
+    Written apart from :mod:`rotary.scaling` (plain ``math``, one pair at a time, no tensors), so that tests can
+    check the module's frequencies, learned scale included, against numbers it did not compute. scaling: a
+    ``rope_parameters`` dict (linear, ntk, dynamic, yarn, llama3, longrope, p / proportional); length: the
+    sequence length of the length-dependent schemes (None: within the original context); log_scale: a learned
+    ``log_freq_scale``, multiplying ``w_i`` by ``exp(log_scale_i)`` after the scheme.
+    """
+    half = rotary_dim // 2
+    w = [base ** (-2 * i / rotary_dim) for i in range(half)]
+    s = scaling or {"rope_type": "default"}
+    kind = s.get("rope_type", s.get("type"))
+    factor = s.get("factor", 1.0)
+    original = s.get("original_max_position_embeddings") or s.get("max_position_embeddings")
+    if kind == "linear":  # position interpolation: every position divided by the factor
+        w = [x / factor for x in w]
+    elif kind in ("ntk", "dynamic"):  # NTK-aware: the base grows to base * factor ** (r / (r - 2))
+        if kind == "dynamic":  # ... by a factor that grows with the length past the original context
+            factor = 1.0 if length is None else max(factor * length / original - (factor - 1), 1.0)
+        grown = base * factor ** (rotary_dim / (rotary_dim - 2))
+        w = [grown ** (-2 * i / rotary_dim) for i in range(half)]
+    elif kind == "yarn":  # NTK-by-parts: interpolate the pairs that turn few times over the original context
+        fast, slow = s.get("beta_fast") or 32.0, s.get("beta_slow") or 1.0
+
+        def pair_turning(rotations: float) -> float:  # the (fractional) pair index turning `rotations` times
+            return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = pair_turning(fast), pair_turning(slow)
+        if s.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, rotary_dim - 1)
+        high = high + 0.001 if low == high else high
+        out = []
+        for i, x in enumerate(w):
+            ramp = min(max((i - low) / (high - low), 0.0), 1.0)  # 1: interpolated
+            out.append(x / factor * ramp + x * (1 - ramp))
+        w = out
+    elif kind == "llama3":  # long wavelengths interpolated, short ones kept, a smooth band between
+        lo, hi = s["low_freq_factor"], s["high_freq_factor"]
+        out = []
+        for x in w:
+            wavelength = 2 * math.pi / x
+            if wavelength < original / hi:
+                out.append(x)
+            elif wavelength > original / lo:
+                out.append(x / factor)
+            else:
+                smooth = (original / wavelength - lo) / (hi - lo)
+                out.append((1 - smooth) * x / factor + smooth * x)
+        w = out
+    elif kind == "longrope":  # one rescale factor per pair, the long list past the original context
+        factors = s["long_factor"] if length is not None and length > original else s["short_factor"]
+        w = [x / f for x, f in zip(w, factors)]
+    elif kind in ("p", "proportional"):  # p-RoPE: only the fastest fraction p of the pairs turns
+        p = s["p"] if kind == "p" else s.get("partial_rotary_factor", 1.0)
+        kept = int(p * rotary_dim // 2)
+        w = [(x if i < kept else 0.0) / factor for i, x in enumerate(w)]
+    elif kind != "default":
+        raise ValueError(f"no reference for rope_type {kind!r}")
+    if log_scale is not None:
+        w = [x * math.exp(v) for x, v in zip(w, log_scale)]
+    return w
+
+
+def attention_factor_reference(scaling: dict | None) -> float:
+    """The factor yarn and longrope multiply cos and sin by (1 for every other scheme), from their definitions."""
+    s = scaling or {}
+    kind = s.get("rope_type", s.get("type"))
+    if s.get("attention_factor") is not None and kind in ("yarn", "longrope"):
+        return s["attention_factor"]
+    if kind == "yarn":
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+        return mscale(s["factor"])
+    if kind == "longrope":
+        original = s["original_max_position_embeddings"]
+        factor = s.get("factor") or s["max_position_embeddings"] / original
+        return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return 1.0
 
 
 def direction_vectors_reference(
