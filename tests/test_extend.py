@@ -97,8 +97,7 @@ def _expected_names(name: str, model) -> set[str]:
     names = set()
     attns = [f"blocks.{i}.attn" for i in range(len(model.blocks))]
     for part in VARIANTS[name].trains:
-        names |= {"freq": {"rotary.angles.log_freq_scale", "rotary.log_freq_scale"},
-                  "mixer": {"rotary.mixer.angles", "rotary.mixing.angles"},
+        names |= {"freq": {"rotary.angles.log_freq_scale"}, "mixer": {"rotary.mixer.angles"},
                   "ln-gains": {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)},
                   "qk-bias": {n for a in attns for n in (f"{a}.query.bias", f"{a}.key.new_bias")},
                   "lora": {f"{a}.{lin}.lora_{ab}" for a in attns for lin in ("query", "key") for ab in "ab"},
@@ -147,8 +146,7 @@ def test_zero_shot_scalings_equal_transformers(pretrained):
 
     def rotary_of(name):
         rot = build_variant(model, name, factor=f, length=L, lora_rank=1, generator=torch.Generator())[0].rotary
-        factor = rot.angles.attention_factor if hasattr(rot, "angles") else rot.attention_factor
-        return rot.frequencies(), factor
+        return rot.frequencies(), rot.angles.attention_factor
 
     # YaRN: the pretraining length is the original context, factor x L the new one
     inv_freq, attention = _hf_inv_freq("yarn", {"factor": float(f), "original_max_position_embeddings": L}, f * L)

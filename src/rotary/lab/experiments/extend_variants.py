@@ -52,34 +52,18 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-# TEMPORARY until the core split of the Rotary lands (then: rot.mixer, rot.angles.log_freq_scale,
-# Rotary.from_options(dataclasses.replace(rot.options, ...)))
-def _mixer(rot: Rotary):
-    return rot.mixer if hasattr(rot, "options") else rot.mixing
-
-
-def _log_freq_scale(rot: Rotary):
-    return rot.angles.log_freq_scale if hasattr(rot, "options") else rot.log_freq_scale
-
-
-def _from_options(source: Rotary, **changes) -> Rotary:
-    if hasattr(source, "options"):
-        return Rotary.from_options(dataclasses.replace(source.options, **changes))
-    kwargs = {"base": source.base, "mixing": source.mixing_kind, "interleaved": source.interleaved,
-              "rotary_dim": source.rotary_dim, "learned_freq": source.log_freq_scale is not None, "scaling": None}
-    return Rotary(source.dims, source.heads, **{**kwargs, **changes})
-
-
 def rotary_parameters(rot: Rotary) -> list[nn.Parameter]:
     """P's angles and the log frequency scales, those the Rotary has."""
-    mixer = _mixer(rot)
-    return [p for p in (*(mixer.parameters() if mixer is not None else ()), _log_freq_scale(rot)) if p is not None]
+    mixer = rot.mixer
+    return [p for p in (*(mixer.parameters() if mixer is not None else ()), rot.angles.log_freq_scale)
+            if p is not None]
 
 
 def _rebuilt_rotary(source: Rotary, *, mixer: bool, learned_freq: bool, scaling: dict | None) -> Rotary:
     """``source``'s options with P and learned frequencies kept or dropped and ``scaling`` set, its parameters
     copied where kept. Dropping them while they are at the identity is exact, and plain RoPE's table is faster."""
-    rot = _from_options(source, mixing="givens" if mixer else None, learned_freq=learned_freq, scaling=scaling)
+    rot = Rotary.from_options(dataclasses.replace(source.options, mixing="givens" if mixer else None,
+                                                  learned_freq=learned_freq, scaling=scaling))
     own = rot.state_dict()
     rot.load_state_dict({k: v for k, v in source.state_dict().items() if k in own})  # strict: nothing missing
     return rot.to(next(source.buffers()).device)
