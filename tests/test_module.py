@@ -183,7 +183,7 @@ def test_several_optimizer_steps(mixing, learned_freq):
     target = torch.randn(2, 6, m.dims)
     before = [p.detach().clone() for p in m.parameters()]
     losses = []
-    for _ in range(4):  # the request document's module raised on the second backward
+    for _ in range(4):  # the original module raised on the second backward
         opt.zero_grad()
         loss = (m(proj(x)) - target).pow(2).mean()
         loss.backward()
