@@ -382,7 +382,20 @@ def test_import_rotary_loads_the_core_only():
     code = (
         "import sys, torch; before = set(sys.modules); import rotary; new = set(sys.modules) - before; "
         "bad = sorted(m for m in new - {'rotary'} if not m.startswith('rotary.') or m.split('.')[1] in "
-        "('decoder', 'whisper', 'hf', 'experiments', 'bench', 'cli')); print(bad); assert not bad"
+        "('integrations', 'lab', 'decoder', 'whisper', 'hf')); print(bad); assert not bad"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_integrations_answer_to_their_short_names():
+    """``import rotary.hf``, ``rotary.hf`` and ``rotary.integrations.hf`` are one module (so one set of classes)."""
+    code = (
+        "import sys, rotary; assert 'rotary.integrations' not in sys.modules; "
+        "import rotary.decoder, rotary.integrations.decoder as d; assert rotary.decoder is d; "
+        "from rotary import hf; import rotary.integrations.hf as h; assert hf is h is sys.modules['rotary.hf']; "
+        "assert rotary.whisper is sys.modules['rotary.integrations.whisper']; "
+        "from rotary.hf import install; assert install is h.install"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

@@ -5,8 +5,8 @@
 
 ``import rotary`` loads the core (torch only). The integrations are reached by name and imported on first use:
 ``rotary.hf`` (transformers), ``rotary.whisper`` (openai-whisper), ``rotary.decoder`` (the reference decoder);
-``from rotary import hf`` works too. They live in ``rotary.integrations``; the lab (``rotary compare``,
-``rotary bench``) in ``rotary.lab``.
+``import rotary.hf`` and ``from rotary import hf`` work too. They live in ``rotary.integrations``; the lab
+(``rotary compare``, ``rotary bench``) in ``rotary.lab``.
 """
 
 import importlib
@@ -25,7 +25,7 @@ _INTEGRATIONS = ("decoder", "hf", "whisper")
 def __getattr__(name: str):
     # PEP 562: the integrations import their host packages, so they load on first use, not with ``import rotary``
     if name in _INTEGRATIONS:
-        module = importlib.import_module(f"{__name__}.integrations.{name}")
+        module = importlib.import_module(f"{__name__}.{name}")  # the short name: see rotary/hf.py
         globals()[name] = module
         return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
