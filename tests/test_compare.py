@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from torch import nn
 
 from rotary.lab.cli import main
@@ -116,9 +115,9 @@ def test_unreadable_checkpoint_restarts_its_run_with_a_warning(tmp_path, caplog)
 
 def test_one_process_per_folder(tmp_path, capsys):
     kwargs = dict(tasks=["lookback"], schemes=["rope"], seeds=1, cfg=TINY)
-    with folder_lock(tmp_path):  # what a running comparison holds
-        with pytest.raises(CompareError, match=f"in use by another rotary compare \\(pid {os.getpid()}\\)"):
-            run_comparison(out=tmp_path, **kwargs)
+    with folder_lock(tmp_path), pytest.raises(  # what a running comparison holds
+            CompareError, match=f"in use by another rotary compare \\(pid {os.getpid()}\\)"):
+        run_comparison(out=tmp_path, **kwargs)
     run_comparison(out=tmp_path, **kwargs)  # released with its holder
 
 

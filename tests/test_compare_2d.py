@@ -39,7 +39,7 @@ def test_digits_split_resolutions_and_positions():
     assert len(task.labels["train"]) + len(task.labels["val"]) == 1797 and len(task.labels["val"]) == 360
     batches = list(task.val_batches(16, 1, 64, 0))
     assert sum(len(b[1]) for b in batches) == 360  # every held-out image once
-    tokens, labels, mask = batches[0]
+    tokens, _, mask = batches[0]
     assert tokens.shape == (64, 256) and mask is None and int(tokens.max()) <= 16
     assert task.positions(8).dtype == torch.long
     pos16 = task.positions(16)

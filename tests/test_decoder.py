@@ -16,7 +16,8 @@ VOCAB, XA_DIMS = 97, 24
 # every positional mode: the rotary placements by their placement name, the tables by theirs
 MODES = {"attention": {"positional": "rotary", "placement": "attention"},
          "embedding": {"positional": "rotary", "placement": "embedding"},
-         "learned": {"positional": "learned"}, "sinusoidal": {"positional": "sinusoidal"}, "none": {"positional": "none"}}
+         "learned": {"positional": "learned"}, "sinusoidal": {"positional": "sinusoidal"},
+         "none": {"positional": "none"}}
 
 
 def _model(mode="attention", xa=False, mixing="givens", dims=48, heads=4, layers=2, **kw):

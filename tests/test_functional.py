@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import ulp
 
 from rotary import apply_rotary, apply_rotary_reference
 from rotary.core.frequencies import inverse_frequencies, rotary_angles
-
-from conftest import ulp
 
 
 def _cos_sin(T, half, batch=None, offset=0):

@@ -28,7 +28,8 @@ def test_identity_at_init_and_orthogonal_for_any_parameters(D):
         torch.testing.assert_close(P @ P.T, torch.eye(D), atol=1e-5, rtol=0)
         x = torch.randn(100, D)
         torch.testing.assert_close((x @ P.T).norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=1e-5)
-        assert float(torch.linalg.det(P.detach().double())) == pytest.approx(1.0, abs=1e-3)  # +1: a rotation, not a reflection
+        # +1: a rotation, not a reflection
+        assert float(torch.linalg.det(P.detach().double())) == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("D", [2, 3, 5, 8, 64, 65])

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .frequencies import inverse_frequencies
 
-__all__ = ["Scaling", "SCALING_TYPES"]
+__all__ = ["SCALING_TYPES", "Scaling"]
 
 # rope_type -> (required keys, optional keys), besides rope_type/type, rope_theta, partial_rotary_factor and
 # max_position_embeddings (the model config's, which some schemes fall back on), accepted by every type.

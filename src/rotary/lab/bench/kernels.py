@@ -102,7 +102,7 @@ def suite(
             except ImportError as e:
                 skipped.add(name)
                 log(f"kernels: skipped {name}: not installed ({e.name or e}); pip install 'rotary[bench]'")
-            except Exception as e:  # noqa: BLE001 (a contender that cannot run a case is reported, not fatal)
+            except Exception as e:
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         # a contender far slower than the rest (the original module) gets fewer repeats, timed separately
         slow = {n for n, fn in cases.items() if _once(fn, dev) > 0.5}

@@ -12,7 +12,9 @@ def number(value: float | None, unit: str) -> str:
     if unit == "x":
         return f"{value:.3f}"
     a = abs(value)
-    return f"{value:,.0f}" if a >= 1000 else f"{value:.1f}" if a >= 100 else f"{value:.2f}" if a >= 1 else f"{value:.3f}"
+    if a >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if a >= 100 else f"{value:.2f}" if a >= 1 else f"{value:.3f}"
 
 
 def _cell(value: object) -> str:
@@ -46,7 +48,8 @@ def table(rows: list[Row]) -> str:
             lines.append(cells)
         columns = list(zip(*lines))
         widths = [max(3, *(len(c) for c in col)) for col in columns]
-        right = [i > 0 and header[i] not in ("unit", "target", "verdict") and all(_numeric(c) or c in ("-", "n/a", "") for c in col[1:]) for i, col in enumerate(columns)]
+        right = [i > 0 and header[i] not in ("unit", "target", "verdict")
+                 and all(_numeric(c) or c in ("-", "n/a", "") for c in col[1:]) for i, col in enumerate(columns)]
         out.append(f"**{suite}: {section}**\n")
         for k, line in enumerate(lines):
             out.append("| " + " | ".join(c.rjust(w) if right[i] else c.ljust(w)

@@ -29,10 +29,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from rotary.core.module import Rotary
 from rotary.integrations.decoder import Decoder, DecoderConfig
 from rotary.lab.experiments.data import Task
 from rotary.lab.experiments.schemes import EVAL_SCALINGS, SCALED_SCHEMES, SCHEMES, eval_scaling
-from rotary.core.module import Rotary
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,8 @@ def _masked_loss_sum(logits, targets, mask):
 
 
 @torch.no_grad()
-def evaluate(model: Decoder, task: Task, seed: int, length: int, batches: int, batch: int, device) -> tuple[float, float]:
+def evaluate(model: Decoder, task: Task, seed: int, length: int, batches: int, batch: int,
+             device) -> tuple[float, float]:
     """Masked validation loss and accuracy at ``length`` on fixed validation batches."""
     model.eval()
     total_loss = total_correct = total = 0.0
