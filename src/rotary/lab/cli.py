@@ -211,7 +211,8 @@ def _compare(args: argparse.Namespace) -> int:
 # jobs sharing it): `rotary compare --quick` 43 s wall clock (tasks text grid digits; 45 s for text lookback copy),
 # `rotary bench --quick` 19 s (torchtune not installed)
 COMPARE_QUICK = "about 45 s on 2 CPU cores"
-EXTEND_TIME = "--tasks extend alone takes about 5 minutes on 2 CPU cores"
+# `rotary compare --tasks extend --out runs/extend`, same machine: 285 s, killed, then 56 s resumed (docs/results.md)
+EXTEND_TIME = "--tasks extend alone takes about 6 minutes on 2 CPU cores"
 BENCH_QUICK = "about 20 s on 2 CPU cores"
 
 
@@ -266,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"schemes of the 2-D tasks (grid, digits); default: all of {', '.join(SCHEMES_2D)}")
     cmp.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=(*TASKS, *TASKS_2D, "extend"),
                      help=f"default: {' '.join(DEFAULT_TASKS)} (under 15 minutes on 2 CPU cores); the full 1-D "
-                     f"comparison is --tasks {' '.join(TASKS)}")
+                     f"comparison is --tasks {' '.join(TASKS)}; extend (a pretrained model's context extended by "
+                     f"training only its rotary, against zero-shot scaling and LoRA) is not in the default: "
+                     f"{EXTEND_TIME}")
     cmp.add_argument("--seeds", type=int, default=None,
                      help="seeds per scheme (default 3 for 1-D tasks and extend, 5 for 2-D ones; 1 with --quick)")
     cmp.add_argument("--data", default=None, help="a text file or folder for the text task (default: Python's stdlib)")

@@ -193,7 +193,7 @@ def _load_pretrained(path: Path, expected: dict, device) -> Decoder | None:
         if settings == expected:
             model = Decoder(DecoderConfig(**state["config"])).to(device)
             model.load_state_dict(state["model"])
-    except Exception as e:  # noqa: BLE001  a bad file fails in many ways (zip, pickle, EOF, OS, missing keys)
+    except Exception as e:  # a bad file fails in many ways (zip, pickle, EOF, OS, missing keys)
         reason = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
         log.warning("pretrained model %s cannot be read (%s): it is pretrained again", path, reason)
         return None

@@ -152,6 +152,7 @@ def plot(agg: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    colors = {v: plt.get_cmap("tab20")(i % 20) for i, v in enumerate(VARIANTS)}  # a variant's colour in both panels
     panels = (("zero-shot", "rotary only"), ("baseline",))
     for ax, groups in zip(axes, panels):
         shown = [v for v in agg if VARIANTS[v].group in groups or (groups == ("baseline",) and v in ("plain", "yarn"))]
@@ -160,8 +161,9 @@ def plot(agg: dict, out: Path) -> Path:
             xs = [float(k[:-1]) for k in keys]
             cis = [_ci(agg[v]["loss"][k]) for k in keys]
             ax.errorbar(xs, [c[0] for c in cis], yerr=[c[1] for c in cis], marker="o", capsize=2, label=v,
-                        linestyle="--" if VARIANTS[v].group == "zero-shot" else "-")
+                        color=colors[v], linestyle="--" if VARIANTS[v].group == "zero-shot" else "-")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}x" for x in xs])
         ax.set_xlabel("evaluation length / pretraining length L")
         ax.set_title(" and ".join(groups), fontsize=9)
         ax.legend(fontsize=6)
