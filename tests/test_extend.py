@@ -4,6 +4,7 @@ zero-shot scalings equal to transformers' rope init functions, one-line errors f
 killed mid-run resuming to the same numbers."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -73,6 +74,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     assert _runs(out) == _runs(tmp_path / "straight")
     with pytest.raises(CompareError, match="other settings.*extend"):
         _compare(out, ExtendConfig(**{**cfg.__dict__, "steps": 9}), resume=True)
+
+
+def test_unreadable_pretrained_model_is_pretrained_again_with_a_warning(tmp_path, caplog):
+    cfg = ExtendConfig(**{**TINY.__dict__, "seeds": 1})
+    _compare(tmp_path, cfg)
+    straight = _runs(tmp_path)
+    (path,) = (tmp_path / "pretrained").glob("*.pt")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
+    (tmp_path / "runs" / "extend-lora-seed0.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="rotary.lab.experiments.extend"):
+        _compare(tmp_path, cfg, resume=True)
+    (record,) = [r for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert str(path) in record.getMessage() and "pretrained again" in record.getMessage()
+    assert _runs(tmp_path) == straight
 
 
 @pytest.fixture(scope="module")
