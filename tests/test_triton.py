@@ -339,3 +339,68 @@ def test_rotate_takes_functional_contract(layout, cos_shape):
     ref.backward(grad)
     for got, want in ((x.grad, xd.grad), (cos.grad, cd.grad), (sin.grad, sd.grad), (g.angles.grad, angles.grad)):
         close(got, want, atol=1e-4)
+
+
+# --- Rotary on the Triton kernel: the table gathered in the kernel, and the general path's kernel.rotate
+
+def _trained(m):
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.5)
+    return m
+
+
+@pytest.mark.parametrize("mixing", [None, "givens", "orthogonal"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_rotary_forward_and_rotate_qk_on_the_kernel(mixing, grad):
+    from rotary import Rotary, rotary_reference
+
+    m = _trained(Rotary(H * D, H, mixing=mixing, interleaved=False, rotary_dim=8).to(DEVICE))
+    P = None if m.mixer is None else m.mixing_matrix(torch.float64)
+    q = torch.randn(B, H, 3, D, device=DEVICE)
+    k = torch.randn(B, 1, T, D, device=DEVICE)  # grouped-query keys, longer than the queries (a cache)
+    with torch.set_grad_enabled(grad):
+        offsets = torch.tensor([7, 2], device=DEVICE)
+        for offset in (9, offsets):
+            yq, yk = m.rotate_qk(q, k, offset=offset)
+            kpos = (torch.as_tensor(offset, device=DEVICE).view(-1, 1) - (T - 3) + torch.arange(T, device=DEVICE))
+            kpos = kpos.expand(B, -1)
+            rk = rotary_reference(k.transpose(1, 2), kpos, rotary_dim=8, interleaved=False, mixing=P)
+            rq = rotary_reference(q.transpose(1, 2), kpos[:, T - 3 :], rotary_dim=8, interleaved=False, mixing=P)
+            close(yq.transpose(1, 2), rq)
+            close(yk.transpose(1, 2), rk)
+        y = m(q, positions=torch.tensor([4, 0, 30], device=DEVICE))
+        close(y.transpose(1, 2), rotary_reference(q.transpose(1, 2), torch.tensor([4, 0, 30]), rotary_dim=8,
+                                                  interleaved=False, mixing=P))
+
+
+def test_rotary_learned_frequencies_and_directions_take_kernel_gradients():
+    """cos/sin that depend on parameters go through kernel.rotate: the gradients of the frequency scale (and of
+    learned N-D directions) match autograd through the float64 oracle."""
+    from rotary import Rotary, rotary_reference
+    from rotary.core.reference import rotary_nd_reference
+
+    m = _trained(Rotary(H * D, H, learned_freq=True).to(DEVICE))
+    x = torch.randn(B, T, H, D, device=DEVICE, requires_grad=True)
+    y = m(x, offset=3, layout="BTHD")
+    scale = m.angles.log_freq_scale.detach().double().cpu().requires_grad_()
+    P = givens_matrix_reference(m.mixer.planes.cpu(), m.mixer.angles.detach().double().cpu(), D)
+    freqs = torch.tensor([10000.0 ** (-2 * i / D) for i in range(D // 2)], dtype=torch.float64) * scale.exp()
+    ref = rotary_reference(x.detach().cpu(), torch.arange(3, 3 + T), mixing=P, freqs=freqs)
+    close(y.cpu(), ref)
+    grad = torch.randn_like(ref)
+    y.backward(grad.float().to(DEVICE))
+    ref.backward(grad)
+    close(m.angles.log_freq_scale.grad.cpu(), scale.grad, atol=1e-4)
+
+    nd = _trained(Rotary(H * D, H, axes=2, directions="mixed", mixing=None).to(DEVICE))
+    pos = torch.randint(0, 9, (T, 2), device=DEVICE)
+    x = torch.randn(B, H, T, D, device=DEVICE)
+    y = nd(x, positions=pos)
+    w = nd.angles.directions.weight.detach().double().cpu().requires_grad_()
+    ref = rotary_nd_reference(x.transpose(1, 2).cpu(), pos.cpu(), w)
+    close(y.transpose(1, 2).cpu(), ref)
+    grad = torch.randn_like(ref)
+    y.transpose(1, 2).backward(grad.float().to(DEVICE))
+    ref.backward(grad)
+    close(nd.angles.directions.weight.grad.cpu(), w.grad, atol=1e-4)

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .functional import rotate as torch_rotate
 
-__all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "rotate", "triton_available", "varlen_positions"]
+__all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "rotate", "triton_available", "varlen_positions",
+           "wants_triton"]
 
 MODES = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's inputs (float32 arithmetic)
@@ -68,6 +69,14 @@ def choose(x: Tensor) -> str:
             raise ValueError(f"ROTARY_KERNEL=triton on a {x.device.type} tensor needs Triton's interpreter: set "
                              "TRITON_INTERPRET=1 before rotary's kernel is first used")
     return "triton"
+
+
+def wants_triton(x: Tensor) -> bool:
+    """:func:`choose` is ``"triton"``, with the common CPU case (no ``ROTARY_KERNEL`` set) answered in one lookup:
+    the no-grad decode path costs microseconds, and this runs before it."""
+    if x.device.type == "cpu" and "ROTARY_KERNEL" not in os.environ:
+        return False
+    return choose(x) == "triton"
 
 
 def varlen_positions(cu_seqlens: Tensor, total: int, offsets: int | Tensor = 0) -> Tensor:

@@ -15,14 +15,16 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from . import kernel
 from .angles import Angles
 from .directions import trig_gradient
-from .functional import compute_dtype, rotate
+from .functional import compute_dtype
+from .functional import rotate as rotate_torch
 from .inference import rotate_no_grad
 from .layout import LAYOUTS, as_heads, qk_match, transposed_buffer
 from .mixing import GivensMixing, make_mixing
 from .options import RotaryOptions
-from .positions import check_length, resolve
+from .positions import Span, check_length, resolve
 
 __all__ = ["Rotary", "rotary"]
 
@@ -176,11 +178,16 @@ class Rotary(nn.Module):
         return self._call(x, offset, positions, length, layout, mix=False)
 
     def _call(self, x: Tensor, offset, positions, length, layout: str, mix: bool) -> Tensor:
-        if positions is None and length is None and not torch.is_grad_enabled():
+        triton = kernel.wants_triton(x)
+        if positions is None and length is None and not torch.is_grad_enabled() and not triton:
             y = rotate_no_grad(self, x, offset, layout, mix)
             if y is not None:
                 return y
         x4, time_dim = self._heads(x, layout, "x")
+        if triton:
+            y = self._kernel_table(x4, None, time_dim, offset, positions, length, mix)
+            if y is not None:
+                return y.reshape(x.shape) if x.dim() == 3 else y
         cos, sin = self._cos_sin(x4.shape[0], x4.shape[time_dim], offset, positions, length, x4)
         y = self._rotate(x4, cos, sin, time_dim, mix)
         return y.reshape(x.shape) if x.dim() == 3 else y
@@ -199,7 +206,7 @@ class Rotary(nn.Module):
         exactly what a full forward over the same tokens gives.
         """
         if positions is None and length is None and not torch.is_grad_enabled() and q.dim() == k.dim() == 4 \
-                and layout in LAYOUTS:  # the no-grad path first: at one token, every check costs
+                and layout in LAYOUTS and not kernel.wants_triton(q):  # the no-grad path first: every check costs
             t = 2 if layout == "BHTD" else 1
             if qk_match(q, k, t) and (type(offset) is int and offset >= k.shape[t] - q.shape[t]
                                       or isinstance(offset, Tensor)):
@@ -222,6 +229,10 @@ class Rotary(nn.Module):
                 raise ValueError(f"offset is the position of the first query: with {Tk} keys and {Tq} queries it "
                                  f"must be at least {Tk - Tq} (the keys start at offset - {Tk - Tq}), got {offset}")
             key_offset = offset - (Tk - Tq)  # anything else: resolve() names what is wrong with it
+        if kernel.wants_triton(q4) and q4.dtype == k4.dtype:
+            qk = self._kernel_table(q4, k4, time_dim, key_offset, positions, length, True)
+            if qk is not None:
+                return qk
         cos, sin = self._cos_sin(k4.shape[0], Tk, key_offset, positions, length, k4)
         k_rot = self._rotate(k4, cos, sin, time_dim, True)
         last = (..., slice(Tk - Tq, None), slice(None)) + ((slice(None),) if self.angles.per_head else ())
@@ -264,11 +275,38 @@ class Rotary(nn.Module):
                                 length_dependent=self.length_dependent, device=self.angles.device)
         return self.angles.cos_sin(where, compute_dtype(x.dtype), length)
 
+    def _kernel_table(self, x: Tensor, k: Tensor | None, time_dim: int, offset, positions, length, mix: bool):
+        """The Triton kernel gathering cos/sin from the table itself (q and k in one launch): ``R P x`` (or
+        ``(R P x, R P k)``, keys at ``offset``/``positions``), or None where the table does not hold the angles
+        (learned, length-dependent, N-D, float or out-of-table positions, dense P) and the general path rotates."""
+        a, mixer = self.angles, (self.mixer if mix else None)
+        if not a.fixed or a.directions is not None or length is not None or (
+                mixer is not None and not isinstance(mixer, GivensMixing)):
+            return None
+        T = (x if k is None else k).shape[time_dim]
+        where, _ = resolve(x.shape[0], T, offset, positions, None, axes=1, nd=False, length_dependent=False,
+                           device=a.device)
+        if isinstance(where, Span):
+            rows, at = where.start + T, {"offset": where.start + T - x.shape[time_dim]}  # the first query's
+        elif where.is_floating_point() or torch.compiler.is_compiling() or where.numel() == 0:
+            return None  # (a tensor's range is a host sync: eager only)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(where))
+            rows, at = (hi + 1 if lo >= 0 else -1), {"positions": where}
+        if rows < 0 or not a.grow(rows):
+            return None  # negative or past the largest table: computed directly on the general path
+        return kernel.rope(x, a.cos_table, a.sin_table, k=k, interleaved=self.interleaved,
+                           layout="BTHD" if time_dim == 1 else "BHTD",
+                           givens=None if mixer is None else mixer.coefficients(x.dtype), **at)
+
     def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, time_dim: int, mix: bool) -> Tensor:
         """``R P x`` for a 4-D x whose time axis is ``time_dim`` (1 or 2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``,
-        or ``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head directions."""
-        per_head = self.angles.per_head
-        if per_head and (cos.requires_grad or sin.requires_grad) and not torch.compiler.is_compiling():
+        or ``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head directions. On the Triton kernel where
+        :func:`rotary.core.kernel.choose` says so (it takes cos/sin gradients itself)."""
+        per_head, triton = self.angles.per_head, kernel.wants_triton(x)
+        rotate = kernel.rotate if triton else rotate_torch
+        if per_head and (cos.requires_grad or sin.requires_grad) and not torch.compiler.is_compiling() \
+                and not triton:
             # learned directions, eager: the fast kernel on detached cos/sin, their gradient taken from its output
             y = self._rotate(x, cos.detach(), sin.detach(), time_dim, mix)
             if time_dim == 2:
