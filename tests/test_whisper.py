@@ -1,5 +1,6 @@
 """rotary.whisper against the real openai-whisper package: a tiny random Whisper, synthetic audio, no downloads."""
 
+import contextlib
 import copy
 import io
 import sys
@@ -121,6 +122,7 @@ def test_installed_model_computes_a_rotary_decoder(placement, features):
     # Same parameter names as whisper's, but no learned table: the attention placement bypasses whisper's,
     # the embedding placement adds it (zeroed here to match).
     del state["positional_embedding"]  # P has the same name in both: decoder.rotary.mixer.*
+    del state["rotary_install._extra_state"]  # the install record's options
     ref.load_state_dict(state, strict=True)
     tokens = torch.randint(0, DIMS.n_vocab, (2, 9))
     with torch.no_grad():
@@ -228,7 +230,8 @@ def test_state_dict_round_trip_bit_identical(placement, features):
 def test_rotary_registered_once_and_copies_are_independent(features):
     model = _installed("attention")
     keys = [k for k in model.state_dict() if "rotary" in k]
-    assert keys == ["decoder.rotary.mixer.angles", "decoder.rotary.mixer.planes"]
+    assert keys == ["decoder.rotary.mixer.angles", "decoder.rotary.mixer.planes", "decoder.rotary_install._extra_state"]
+    assert type(model.decoder.rotary) is rotary.Rotary  # a plain Rotary: the bookkeeping is the record's
     twin = copy.deepcopy(model)
     tokens = torch.randint(0, DIMS.n_vocab, (1, 5))
     with torch.no_grad():
@@ -244,28 +247,102 @@ def test_rotary_registered_once_and_copies_are_independent(features):
         assert torch.equal(torch.load(buffer, weights_only=False).logits(tokens, features[:1]), before)
 
 
+def _host_state(model):
+    """What an install may change: module tree, state_dict keys, instance forwards, hooks of every kind."""
+    return (
+        [(n, type(m)) for n, m in model.named_modules()], list(model.state_dict()),
+        [sorted(k for k in vars(m) if k in ("forward", "generate")) for m in model.modules()],
+        [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._load_state_dict_pre_hooks))
+         for m in model.modules()],
+    )
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_uninstall_restores_stock_whisper(placement, features):
     stock = _stock()
     model = rw.uninstall(_installed(placement, stock))
-    assert rw.installed_placement(model) is None
-    assert model.state_dict().keys() == stock.state_dict().keys()
+    assert rw.installed(model) is None
+    assert _host_state(model) == _host_state(stock)  # no leftover hook, forward or attribute
     tokens = torch.randint(0, DIMS.n_vocab, (2, 6))
     with torch.no_grad():
         assert torch.equal(model.logits(tokens, features), stock.logits(tokens, features))
+        assert torch.equal(_cached_logits(model, tokens, features), _cached_logits(stock, tokens, features))
+
+
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("length", [1, 7, 33])
+def test_copied_forwards_equal_stock_with_the_rotation_off(length, sdpa, features):
+    """The replaced decoder, self-attention and key forwards with the Rotary made the identity (and whisper's table
+    kept) compute stock whisper's logits at several lengths, with and without its KV-cache hooks. Fails the day
+    whisper changes a forward body that rotary.whisper copies."""
+    stock = _stock()
+    model = rw.install(copy.deepcopy(stock), placement="attention", learned_positions=True).eval()
+    model.decoder.rotary.forward = lambda x, **kwargs: x  # an instance attribute, this test only
+    tokens = torch.randint(0, DIMS.n_vocab, (2, length + 4))
+    with torch.no_grad(), (contextlib.nullcontext() if sdpa else disable_sdpa()):
+        for n in (length, length + 4):
+            assert (model.logits(tokens[:, :n], features) - stock.logits(tokens[:, :n], features)).abs().max() <= 1e-6
+        got = _cached_logits(model, tokens, features, prompt=length)
+        want = _cached_logits(stock, tokens, features, prompt=length)
+    assert (got - want).abs().max() <= 1e-6
+
+
+def test_decode_position_comes_from_each_call_not_from_shared_state(features):
+    """Two decodes interleaved step by step on one model, each with its own cache: the position of a step is the
+    call's own (from its cache), so each equals the same decode run alone."""
+    model = _installed("attention")
+    a, b = torch.randint(0, DIMS.n_vocab, (2, 9)), torch.randint(0, DIMS.n_vocab, (2, 9))
+    caches, out = [{}, {}], [[], []]
+
+    def step(j, tokens):  # whisper's hooks write every cache they were installed with: one set at a time
+        cache, hooks = model.install_kv_cache_hooks(caches[j])
+        try:
+            out[j].append(model.decoder(tokens, features, kv_cache=cache))
+        finally:
+            for h in hooks:
+                h.remove()
+        caches[j] = cache
+
+    with torch.no_grad():
+        alone = [_cached_logits(model, t, features) for t in (a, b)]
+        step(0, a[:, :3])
+        step(1, b[:, :3])
+        for i in range(3, 9):
+            step(1, b[:, i : i + 1])  # b's step first, then a's
+            step(0, a[:, i : i + 1])
+        out = [torch.cat(o, dim=1) for o in out]
+    for got, want in zip(out, alone):
+        assert (got - want).abs().max() <= _tol(want)
 
 
 def test_install_errors():
     model = _installed("attention")
-    assert rw.installed_placement(model) == "attention"
+    assert rw.installed(model).options.placement == "attention"
+    with pytest.warns(DeprecationWarning):
+        assert rw.installed_placement(model) == "attention"
     with pytest.raises(RuntimeError, match="uninstall"):
         rw.install(model)
-    with pytest.raises(ValueError, match="placement"):
-        rw.install(_stock(), placement="value")
     with pytest.raises(TypeError, match="Whisper"):
         rw.install(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="installed"):
         rw.uninstall(_stock())
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(placement="value"), "'value'"), (dict(learned_positions="yes"), "'yes'"), (dict(learned_freq=1), "1"),
+    (dict(mixing="nonsense"), "'nonsense'"), (dict(rotary_dim=3), "3"), (dict(interleaved=None), "None"),
+])
+def test_lax_options_are_refused_and_leave_the_model_unchanged(bad, named, features):
+    model = _stock()
+    before = _host_state(model)
+    tokens = torch.randint(0, DIMS.n_vocab, (2, 5))
+    with torch.no_grad():
+        logits = model.logits(tokens, features)
+    with pytest.raises(ValueError, match=rf"got {named}"):
+        rw.install(model, **bad)
+    assert _host_state(model) == before and rw.installed(model) is None
+    with torch.no_grad():
+        assert torch.equal(model.logits(tokens, features), logits)
 
 
 def test_missing_whisper_names_the_extra(monkeypatch):

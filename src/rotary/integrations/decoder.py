@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.fold import check_placement, fold_mixing, mix_rows
+from ..core.fold import mix_rows
 from ..core.functional import compute_dtype
 from ..core.module import Rotary
+from ..core.options import RotaryOptions
+from .install import flag, prepare_fold_into
 
 __all__ = ["PLACEMENTS", "POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
 
@@ -95,6 +97,14 @@ class DecoderConfig:
             raise ValueError(f"dims ({self.dims}) must be divisible by heads ({self.heads})")
         if self.xa_dims is not None and (not isinstance(self.xa_dims, int) or self.xa_dims < 1):
             raise ValueError(f"xa_dims must be a positive int or None, got {self.xa_dims!r}")
+        if self.positional == "rotary":
+            self.rotary_options()  # validated here, at the config, not when the model is built
+
+    def rotary_options(self) -> RotaryOptions:
+        """The :class:`RotaryOptions` of the decoder's Rotary (``positional="rotary"``), validated."""
+        flag("learned_freq", self.learned_freq)
+        return RotaryOptions(self.dims, self.heads, base=self.base, mixing=self.mixing, interleaved=self.interleaved,
+                             rotary_dim=self.rotary_dim, learned_freq=self.learned_freq)
 
     @property
     def head_dim(self) -> int:
@@ -202,7 +212,7 @@ class SelfAttention(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         """x ``(B, T, C)`` at positions ``offset ..``; mixing: P ``(D, D)`` applied to the q/k weights, or None."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         if mixing is None:
             q, k = self.query(x), self.key(x)
         else:
@@ -239,7 +249,7 @@ class CrossAttention(nn.Module):
         self.out = Linear(dims, dims)
 
     def forward(self, x: Tensor, xa: Tensor, *, cache: KVCache | None = None, layer: int = 0) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q = self.query(x).view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
         if cache is not None and layer < len(cache.cross):
             k, v = cache.cross[layer]
@@ -297,15 +307,7 @@ class Decoder(nn.Module):
             self.positional_embedding = None
         if c.positional == "rotary":
             # One module shared by every layer (torchtune's rope, passed to each layer): one cos/sin table, one P.
-            self.rotary = Rotary(
-                c.dims,
-                c.heads,
-                base=c.base,
-                mixing=c.mixing,
-                interleaved=c.interleaved,
-                rotary_dim=c.rotary_dim,
-                learned_freq=c.learned_freq,
-            )
+            self.rotary = Rotary.from_options(c.rotary_options())
         else:
             self.rotary = None
         self.blocks = nn.ModuleList(Block(c.dims, c.heads, c.xa_dims) for _ in range(c.layers))
@@ -373,15 +375,14 @@ class Decoder(nn.Module):
     def prepare_fold(self):
         """:class:`rotary.fold.Foldable`: P into every block's query and key projections (attention placement);
         the config's ``mixing`` becomes None, so that checkpoints rebuild the folded model."""
-        if self.rotary is None or self.rotary.mixer is None:
+        if self.rotary is None:
             return None
-        check_placement(self.config.placement)
+        projections = [p for b in self.blocks for p in (b.attn.query, b.attn.key)]
 
-        def action():
-            fold_mixing(self.rotary.remove_mixing(), *(p for b in self.blocks for p in (b.attn.query, b.attn.key)))
+        def forget_mixing():
             self.config = dataclasses.replace(self.config, mixing=None)
 
-        return action
+        return prepare_fold_into(self.rotary, projections, self.config.placement, then=forget_mixing)
 
 
 def save(model: Decoder, path) -> None:

@@ -1,0 +1,19 @@
+"""The one install mechanism of the integrations (openai-whisper, Hugging Face causal LMs and Whisper).
+
+- :mod:`.options`: :class:`InstallOptions`, what an install was asked for (a :class:`rotary.core.options.RotaryOptions`
+  and the host's fields), validated once, serialisable.
+- :mod:`.record`: :class:`Install`, the record of what was installed where (the Rotaries, their q/k projections,
+  the handles of every hook and replaced forward), implementing the fold protocol once; removal undoes it.
+- :mod:`.mix`: how P is applied (on the projection weights or on activations) and the fold of one Rotary.
+
+A host file keeps only what is host-specific: its inspection of the model and its copied forward bodies.
+"""
+
+from .mix import MixedOutput, MixedWeights, commutes_with_rotations, plain_linear, prepare_fold_into
+from .options import FORMAT, MIX_ON, PLACEMENTS, InstallOptions, flag, is_record
+from .record import RECORD_NAME, Install, Placed, find
+
+__all__ = [
+    "FORMAT", "MIX_ON", "PLACEMENTS", "RECORD_NAME", "Install", "InstallOptions", "MixedOutput", "MixedWeights",
+    "Placed", "commutes_with_rotations", "find", "flag", "is_record", "plain_linear", "prepare_fold_into",
+]
