@@ -66,12 +66,15 @@ def check_length(B: int, length, device) -> Tensor | None:
 
 
 def _check_positions(positions, B: int, T: int, axes: int, nd: bool) -> Tensor:
-    if nd:
-        shapes, text = ((T, axes), (B, T, axes)), f"({T}, {axes}) or ({B}, {T}, {axes})"
-    else:
-        shapes, text = ((T,), (B, T)), f"({T},) or ({B}, {T}) (or ({T}, 1), ({B}, {T}, 1))"
+    shapes = ((T, axes), (B, T, axes)) if nd else ((T,), (B, T))
+
+    def text() -> str:  # on the error path only: formatting a traced size would make torch.compile specialise on it
+        if nd:
+            return f"({T}, {axes}) or ({B}, {T}, {axes})"
+        return f"({T},) or ({B}, {T}) (or ({T}, 1), ({B}, {T}, 1))"
+
     if not isinstance(positions, Tensor):
-        raise ValueError(f"positions must be a tensor of shape {text}, got {type(positions).__name__}")
+        raise ValueError(f"positions must be a tensor of shape {text()}, got {type(positions).__name__}")
     shape = tuple(positions.shape)
     if axes == 1 and nd and shape in ((T,), (B, T)):
         positions, shape = positions.unsqueeze(-1), shape + (1,)  # one axis, given without its axis dimension
@@ -81,7 +84,7 @@ def _check_positions(positions, B: int, T: int, axes: int, nd: bool) -> Tensor:
         hint = ""
         if nd and len(shape) in (2, 3) and shape[:-1] in ((T,), (B, T)):
             hint = f": {shape[-1]} axes given, the module has axes={axes}"
-        raise ValueError(f"positions must be a tensor of shape {text}, got {shape}{hint}")
+        raise ValueError(f"positions must be a tensor of shape {text()}, got {shape}{hint}")
     if positions.dtype == torch.bool or positions.is_complex():
         raise ValueError(f"positions must be an integer or float tensor, got dtype {positions.dtype}")
     return positions
