@@ -118,7 +118,7 @@ def test_low_precision_one_rounding(dtype):
     assert y.dtype == dtype
     angles = g.angles.detach().double().cpu()
     ref = reference(x, cos[None], sin[None], True, g, angles)
-    assert ((y.double() - ref).abs() <= ulp(ref, dtype)).all()  # float32 maths, rounded once
+    assert ((y.double() - ref).abs() <= ulp(ref, dtype) / 2 + 1e-6).all()  # float32 maths, rounded once
     grad = torch.randn(ref.shape, device=DEVICE).to(dtype)
     y.backward(grad)
     # the gradient is the inverse rotation of grad, rounded once: within one ulp of its float64 value
@@ -126,7 +126,7 @@ def test_low_precision_one_rounding(dtype):
     xd = x.double().requires_grad_()
     reference(xd, cos[None], sin[None], True).backward(grad.double(), inputs=[xd])
     gref = torch.einsum("ed,bthe->bthd", P, xd.grad)
-    assert ((xin.grad.double() - gref).abs() <= ulp(gref, dtype)).all()
+    assert ((xin.grad.double() - gref).abs() <= ulp(gref, dtype) / 2 + 1e-6).all()
     assert torch.equal(kernel.rope(x, cos, sin, interleaved=True)[..., 8:], x[..., 8:])
 
 

@@ -307,6 +307,14 @@ def _strides(t: Tensor) -> tuple[int, int, int, int]:
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
+def _interpreter_out(o: Tensor | None) -> Tensor | None:
+    """Under the interpreter, bf16 results are written in float32 and rounded by torch: the interpreter's
+    float32 -> bf16 cast truncates, where compiled Triton (and torch) round to nearest even."""
+    if o is None or not INTERPRETED or o.dtype != torch.bfloat16:
+        return None
+    return torch.empty(o.shape, dtype=torch.float32, device=o.device)
+
+
 def _blocks(D: int, H: int, rows: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_H, BLOCK_D): every channel of a head in one tile; a few rows, as many heads as fit."""
     block_d = triton.next_power_of_2(D)
@@ -353,14 +361,19 @@ def forward(x1: Tensor, o1: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bo
     C, S, P = givens if givens is not None else (cos, cos, POS)
     block_t, block_h, block_d = _blocks(D, max(H1, x2_.shape[2]), rows)
     grid = (triton.cdiv(rows, block_t), A)
+    t1, t2 = _interpreter_out(o1), _interpreter_out(None if x2 is None else o2_)
+    w1, w2 = (o1 if t1 is None else t1), (o2_ if t2 is None else t2)
     _fwd_kernel[grid](
-        x1, o1, *x1.stride(), *o1.stride(), H1, T1, shift1,
-        x2_, o2_, *x2_.stride(), *o2_.stride(), x2_.shape[2], x2_.shape[1], shift2,
+        x1, w1, *x1.stride(), *w1.stride(), H1, T1, shift1,
+        x2_, w2, *x2_.stride(), *w2.stride(), x2_.shape[2], x2_.shape[1], shift2,
         cos, sin, scb, sct, sch, POS, spa, spt, OFFS, offset, rows, C, S, P,
         D=D, R2=R2, INTERLEAVED=interleaved, GIVENS=givens is not None, TABLE=table, POS_MODE=mode,
-        PER_HEAD=per_head, HAS_X2=x2 is not None, INPLACE=inplace,
+        PER_HEAD=per_head, HAS_X2=x2 is not None, INPLACE=inplace and t1 is None,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
     )
+    for o, t in ((o1, t1), (o2_, t2)):
+        if t is not None:
+            o.copy_(t)
 
 
 def backward(g1: Tensor, gx1: Tensor, x1: Tensor | None, cos: Tensor, sin: Tensor, *, interleaved: bool,
@@ -396,15 +409,20 @@ def backward(g1: Tensor, gx1: Tensor, x1: Tensor | None, cos: Tensor, sin: Tenso
             gcos2, gsin2 = (torch.empty(A, rows, trig_heads, D, **f32) for _ in range(2))
     if need_trig and per_head and g2 is not None and shift2 != shift1:
         gcos1.zero_(), gsin1.zero_(), gcos2.zero_(), gsin2.zero_()  # rows one tensor does not cover stay 0
+    t1, t2 = _interpreter_out(gx1), _interpreter_out(None if g2 is None else gx2_)
+    w1, w2 = (gx1 if t1 is None else t1), (gx2_ if t2 is None else t2)
     _bwd_kernel[grid](
-        g1, gx1, x1, *g1.stride(), *gx1.stride(), *x1.stride(), H1, T1, shift1,
-        g2_, gx2_, x2_, *g2_.stride(), *gx2_.stride(), *x2_.stride(), g2_.shape[2], g2_.shape[1], shift2,
+        g1, w1, x1, *g1.stride(), *w1.stride(), *x1.stride(), H1, T1, shift1,
+        g2_, w2, x2_, *g2_.stride(), *w2.stride(), *x2_.stride(), g2_.shape[2], g2_.shape[1], shift2,
         cos, sin, scb, sct, sch, POS, spa, spt, OFFS, offset, rows, C, S, P, partial,
         gcos1, gsin1, gcos2, gsin2, rows * trig_heads * D, trig_heads * D, D,
         D=D, R2=R2, INTERLEAVED=interleaved, GIVENS=givens is not None, NEED_CS=need_cs, NEED_TRIG=need_trig,
         TABLE=table, POS_MODE=mode, PER_HEAD=per_head, HAS_X2=g2 is not None,
         BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d,
     )
+    for o, t in ((gx1, t1), (gx2_, t2)):
+        if t is not None:
+            o.copy_(t)
     grad_cs = partial.sum(0) if need_cs else None
     if not need_trig:
         return grad_cs, None, None
