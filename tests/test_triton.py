@@ -404,3 +404,18 @@ def test_rotary_learned_frequencies_and_directions_take_kernel_gradients():
     y.transpose(1, 2).backward(grad.float().to(DEVICE))
     ref.backward(grad)
     close(nd.angles.directions.weight.grad.cpu(), w.grad, atol=1e-4)
+
+
+def test_empty_inputs_launch_nothing():
+    g = givens_module(D, True)
+    for shape in [(0, T, H, D), (B, 0, H, D)]:
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        y = kernel.rope(x, COS, SIN, givens=g.coefficients())
+        y.sum().backward()
+        assert y.shape == shape and x.grad.shape == shape
+    q = torch.randn(B, 0, H, D, device=DEVICE, requires_grad=True)  # no queries, keys from a cache
+    k = torch.randn(B, 4, 1, D, device=DEVICE, requires_grad=True)
+    yq, yk = kernel.rope(q, COS, SIN, k=k, offset=4, givens=g.coefficients())
+    (yq.sum() + yk.square().sum()).backward()
+    close(yk, reference(k, COS[:4][None], SIN[:4][None], True, g, g.angles.detach().double().cpu()))
+    assert yq.shape == q.shape and k.grad.shape == k.shape and g.angles.grad is not None

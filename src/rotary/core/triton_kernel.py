@@ -352,6 +352,13 @@ def forward(x1: Tensor, o1: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bo
     ``inplace=True``). cos/sin: a float32 table ``(rows, R2)`` (``table=True``; positions ``(A|1, ROWS)`` int,
     offsets ``(A,)`` int, offset int) or ``(A|1, ROWS|1, H|1, R2)``. givens: ``(c, s, partner)`` float32 ``(D,)``,
     ``(D,)``, int ``(D,)``. Inputs are not validated here: :mod:`rotary.core.kernel` does that before launching."""
+    if x2 is not None and x1.numel() == 0:  # nothing to read in x1 (no queries): k alone
+        x1, o1, shift1, x2, o2 = x2, o2, shift2, None, None
+    if x1.numel() == 0 or (x2 is not None and x2.numel() == 0):
+        if x1.numel():
+            forward(x1, o1, cos, sin, interleaved=interleaved, shift1=shift1, table=table, positions=positions,
+                    offsets=offsets, offset=offset, givens=givens, inplace=inplace)
+        return  # an empty launch would still hand the kernel pointers it must not touch
     A, T1, H1, D = x1.shape
     R2 = cos.shape[-1]
     rows = max(T1 + shift1, 0 if x2 is None else x2.shape[1] + shift2)
@@ -391,6 +398,10 @@ def backward(g1: Tensor, gx1: Tensor, x1: Tensor | None, cos: Tensor, sin: Tenso
     A, T1, H1, D = g1.shape
     R2 = cos.shape[-1]
     rows = max(T1 + shift1, 0 if g2 is None else g2.shape[1] + shift2)
+    if g1.numel() == 0 or (g2 is not None and g2.numel() == 0):
+        return _empty_backward(g1, gx1, x1, cos, sin, g2, gx2, x2, rows, shift1, shift2, need_cs, need_trig,
+                               interleaved=interleaved, table=table, positions=positions, offsets=offsets,
+                               offset=offset, givens=givens)
     x1 = g1 if x1 is None else x1  # never read unless needed; any pointer of the right kind
     g2_, gx2_, x2_ = (g1, gx1, x1) if g2 is None else (g2, gx2, g2 if x2 is None else x2)
     cos, sin, scb, sct, sch, per_head = _trig_args(cos, sin, table)
@@ -430,3 +441,22 @@ def backward(g1: Tensor, gx1: Tensor, x1: Tensor | None, cos: Tensor, sin: Tenso
         gcos1, gsin1 = gcos1 + gcos2, gsin1 + gsin2
     return grad_cs, gcos1, gsin1
 
+
+
+def _empty_backward(g1, gx1, x1, cos, sin, g2, gx2, x2, rows, shift1, shift2, need_cs, need_trig, **kw):
+    """:func:`backward` where a tensor has no elements: the other one alone, zeros for whatever it misses."""
+    A, D = g1.shape[0], g1.shape[-1]
+    f32 = {"dtype": torch.float32, "device": g1.device}
+    heads = cos.shape[2] if (not kw["table"] and cos.dim() == 4 and cos.shape[2] > 1) else 1
+    cs, tc, ts = (torch.zeros(2, D, **f32) if need_cs else None), None, None
+    if need_trig:
+        tc, ts = torch.zeros(A, rows, heads, D, **f32), torch.zeros(A, rows, heads, D, **f32)
+    for g, gx, x, shift in ((g1, gx1, x1, shift1), (g2, gx2, x2, shift2)):
+        if g is None or g.numel() == 0:
+            continue
+        c1, t1, s1 = backward(g, gx, x, cos, sin, shift1=shift, need_cs=need_cs, need_trig=need_trig, **kw)
+        cs = c1 if cs is None else cs + c1
+        if need_trig:
+            tc[:, : t1.shape[1]] += t1
+            ts[:, : s1.shape[1]] += s1
+    return cs, tc, ts
