@@ -6,6 +6,7 @@ in float64, independently of rotary.fold.
 """
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -320,7 +321,9 @@ def test_fold_with_learned_frequencies_keeps_the_angle_rotary(tmp_path, caplog):
     assert "angles were changed" in caplog.text
     assert max_diff(logits(model, ids), before) <= 1e-5
     assert model.model.rotary.mixer is None
-    assert rotary.hf.installed(model) == {"mixing": None, "per_layer": False, "learned_freq": True, "scaling": None}
+    options = rotary.hf.installed(model).options
+    assert options.rotary.mixing is None and options.rotary.learned_freq and not options.per_layer
+    assert model.config.rotary == options.to_dict()
     model.save_pretrained(tmp_path)
     reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
     assert torch.equal(logits(reloaded.eval(), ids), logits(model, ids))
@@ -333,7 +336,7 @@ def test_save_and_reload_unfolded_is_bit_identical(options, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
     reloaded.eval()
-    assert rotary.hf.installed(reloaded) == rotary.hf.installed(model)
+    assert rotary.hf.installed(reloaded).options == rotary.hf.installed(model).options
     state, again = model.state_dict(), reloaded.state_dict()
     assert list(state) == list(again)
     assert all(torch.equal(state[k], again[k]) for k in state)
@@ -348,7 +351,7 @@ def test_reload_errors_name_expected_and_found(tmp_path):
         rotary.hf.from_pretrained(
             transformers.AutoModelForCausalLM,
             tmp_path / "installed",
-            rotary={**rotary.hf.installed(model), "per_layer": True},
+            rotary=dataclasses.replace(rotary.hf.installed(model).options, per_layer=True),
         )
     # a stock from_pretrained drops P: installing on top of it is refused, naming the recorded install
     dropped = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "installed")
@@ -443,3 +446,52 @@ def test_speed_benchmark_runs():
                      repeats=1, warmup=0)
     assert set(result["ratios"]) >= {"train_installed_over_stock", "generate_folded_over_stock"}
     assert all(r > 0 for r in result["ratios"].values())
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(per_layer="yes"), "'yes'"), (dict(learned_freq=1), "1"), (dict(mix_on="bias"), "'bias'"),
+    (dict(scaling="yarn"), "'yarn'"), (dict(mixing="nonsense"), "'nonsense'"),
+])
+def test_lax_options_are_refused_and_leave_the_model_unchanged(bad, named):
+    model = tiny()
+    snapshot, ids = _snapshot(model), tokens()
+    before = logits(model, ids)
+    with pytest.raises(ValueError, match=rf"got {named}"):
+        rotary.hf.install(model, **bad)
+    assert _snapshot(model) == snapshot and rotary.hf.installed(model) is None
+    assert torch.equal(logits(model, ids), before)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_p_on_activations_equals_p_on_weights(kind):
+    stock = tiny(kind)
+    on_weights = randomize(rotary.hf.install(copy.deepcopy(stock)))
+    on_outputs = rotary.hf.install(copy.deepcopy(stock), mix_on="activations")
+    on_outputs.load_state_dict(on_weights.state_dict())  # the same tensors: mix_on is how, not what
+    assert not any("forward" in m.__dict__ for m in on_outputs.modules())
+    ids = tokens()
+    assert max_diff(logits(on_outputs, ids), logits(on_weights, ids)) <= 1e-5
+    rotary.fold(on_outputs)
+    assert rotary.hf.installed(on_outputs) is None
+    assert max_diff(logits(on_outputs, ids), logits(on_weights, ids)) <= 1e-5
+
+
+def test_a_record_of_the_previous_version_still_loads(tmp_path):
+    """Checkpoints written before the install record: config.rotary held install's keyword arguments and the
+    state_dict had no record entry."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = train_steps(randomize(rotary.hf.install(tiny("qwen2"), per_layer=True)))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rotary"] = {"learned_freq": False, "mixing": "givens", "per_layer": True, "scaling": None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.rotary_install._extra_state"]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
+    assert rotary.hf.installed(reloaded).options == rotary.hf.installed(model).options
+    ids = tokens()
+    assert torch.equal(logits(reloaded.eval(), ids), logits(model, ids))

@@ -98,16 +98,18 @@ def test_identity_install_equals_stock_at_position_0(feats, attn):
     assert (_logits(model, feats, ids) - _logits(stock, feats, ids)).abs().max().item() <= 1e-6
 
 
+@pytest.mark.parametrize("length", [1, 7, 33])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_copied_attention_body_equals_stock_with_the_rotation_off(feats, attn):
+def test_copied_attention_body_equals_stock_with_the_rotation_off(feats, attn, length):
     """The replaced self-attention forward with rotate_qk made the identity computes stock's attention on every
-    path: longer inputs, left padding with a decoder attention mask, the cache, returned attention weights."""
-    stock = _stock(attn_implementation=attn)
+    path, at several lengths: left padding with a decoder attention mask, returned attention weights, and the
+    cache (the prompt at once, then one token a step)."""
+    stock = _stock(attn_implementation=attn, max_target_positions=48)
     model = rotary.hf.install(copy.deepcopy(stock), placement="attention", learned_positions=True)
     model.model.decoder.rotary.rotate_qk = lambda q, k, **kwargs: (q, k)  # an instance attribute, this test only
-    ids = torch.randint(4, 96, (2, 7), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(4, 96, (2, length + 4), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # row 0 left-padded by 2
+    mask[0, : min(2, length - 1)] = 0  # row 0 left-padded (by up to 2)
     with torch.no_grad():
         for kwargs in ({}, {"decoder_attention_mask": mask}):
             a = stock(feats, decoder_input_ids=ids, output_attentions=True, **kwargs)
@@ -115,8 +117,8 @@ def test_copied_attention_body_equals_stock_with_the_rotation_off(feats, attn):
             assert (a.logits - b.logits).abs().max().item() <= 1e-6
             for x, y in zip(a.decoder_attentions, b.decoder_attentions):
                 assert x is not None and (x - y).abs().max().item() <= 1e-6
-    stock_steps, _ = _decode_with_cache(stock, feats, ids, prompt=3)
-    model_steps, _ = _decode_with_cache(model, feats, ids, prompt=3)
+    stock_steps, _ = _decode_with_cache(stock, feats, ids, prompt=length)
+    model_steps, _ = _decode_with_cache(model, feats, ids, prompt=length)
     assert (stock_steps - model_steps).abs().max().item() <= 1e-6
 
 
@@ -127,8 +129,10 @@ def test_only_decoder_self_attention_is_changed():
     assert all("forward" not in layer.encoder_attn.__dict__ for layer in dec.layers)
     assert all("forward" not in m.__dict__ for m in model.model.encoder.modules())
     assert sorted(k for k in model.state_dict() if k not in _stock().state_dict()) == [
-        "model.decoder.rotary._extra_state", "model.decoder.rotary.mixer.angles", "model.decoder.rotary.mixer.planes",
+        "model.decoder.rotary.mixer.angles", "model.decoder.rotary.mixer.planes",
+        "model.decoder.rotary_install._extra_state",
     ]
+    assert type(dec.rotary) is rotary.Rotary and rotary.hf.installed(model) is dec.rotary_install
 
 
 # ------------------------------------------------------------------------------------------------- cache
@@ -349,8 +353,8 @@ def test_fold_attention_placement(feats):
     q_before = model.model.decoder.layers[0].self_attn.q_proj.weight.clone()
     rotary.fold(model)
     rot = model.model.decoder.rotary
-    assert rot.mixer is None and hw.installed_placement(model) == "attention"  # the RoPE itself stays
-    assert model.config.rotary["mixing"] is None  # a reload must not bring P back
+    assert rot.mixer is None and hw.installed(model).options.placement == "attention"  # the RoPE itself stays
+    assert model.config.rotary["rotary"]["mixing"] is None  # a reload must not bring P back
     assert not torch.equal(q_before, model.model.decoder.layers[0].self_attn.q_proj.weight)
     cross = model.model.decoder.layers[0].encoder_attn.q_proj.weight
     assert cross.equal(_stock().model.decoder.layers[0].encoder_attn.q_proj.weight)  # cross-attention untouched
@@ -377,7 +381,7 @@ def test_save_pretrained_and_reload_bit_identical(tmp_path, feats, placement):
         model.model.decoder.rotary.angles.log_freq_scale.normal_(std=0.1)
     model.save_pretrained(tmp_path)
     loaded = rotary.hf.from_pretrained(WhisperForConditionalGeneration, tmp_path).eval()
-    assert hw.installed_placement(loaded) == placement
+    assert hw.installed(loaded).options == hw.installed(model).options
     assert loaded.state_dict().keys() == model.state_dict().keys()
     for key, value in model.state_dict().items():
         assert torch.equal(value, loaded.state_dict()[key]), key
@@ -435,7 +439,7 @@ def test_whisper_model_and_copies(feats):
     assert list(model.state_dict()) == list(stock.state_dict())
     conditional = _installed("attention")  # its generate wrapper and fold record point back at the model
     for clone in (copy.deepcopy(conditional), pickle.loads(pickle.dumps(conditional))):
-        assert clone.generate.model is clone and clone.model.decoder.rotary.host_config is clone.config
+        assert clone.generate.model is clone and rotary.hf.installed(clone).config is clone.config
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -455,3 +459,39 @@ def test_bad_input_is_a_clear_error_and_installs_nothing():
     with pytest.raises(RuntimeError, match=r"already installed in this model \(placement='embedding'\)"):
         rotary.hf.install(model, placement="attention")
     assert _module_state(model) == state
+
+
+@pytest.mark.parametrize("bad, named", [
+    (dict(placement="cross"), "'cross'"), (dict(learned_positions="yes"), "'yes'"), (dict(learned_freq=1), "1"),
+    (dict(mixing="nonsense"), "'nonsense'"), (dict(interleaved=None), "None"),
+])
+def test_lax_options_are_refused_and_leave_the_model_unchanged(feats, bad, named):
+    model = _stock()
+    state, ids = _module_state(model), torch.randint(4, 96, (2, 5))
+    before = _logits(model, feats, ids)
+    with pytest.raises(ValueError, match=rf"got {named}"):
+        rotary.hf.install(model, **bad)
+    assert _module_state(model) == state and rotary.hf.installed(model) is None
+    assert torch.equal(_logits(model, feats, ids), before)
+
+
+def test_a_checkpoint_of_the_previous_version_still_loads(tmp_path, feats):
+    """Written before the install record: config.rotary held install's keyword arguments, and the options were an
+    extra-state entry of the rotary itself (model.decoder.rotary._extra_state)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = _installed("attention", learned_freq=True)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rotary"] = {"base": 10000.0, "interleaved": True, "learned_freq": True, "learned_positions": False,
+                        "mixing": "givens", "placement": "attention", "rotary_dim": 16, "scaling": None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.decoder.rotary._extra_state"] = state.pop("model.decoder.rotary_install._extra_state")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = rotary.hf.from_pretrained(WhisperForConditionalGeneration, tmp_path).eval()
+    assert hw.installed(loaded).options == hw.installed(model).options
+    ids = torch.randint(4, 96, (2, 8))
+    assert torch.equal(_logits(model, feats, ids), _logits(loaded, feats, ids))

@@ -15,9 +15,12 @@ import os
 
 from torch import nn
 
+from ..install import Install, InstallOptions, find, is_record
 from ._common import forget, read_tensors, recorded, require_transformers
 
 __all__ = ["from_pretrained", "install", "installed", "uninstall"]
+
+_HOSTS = ("hf.causal", "hf.whisper")
 
 
 def _integration(model: nn.Module):
@@ -51,9 +54,19 @@ def uninstall(model: nn.Module) -> nn.Module:
     return _integration(model).uninstall(model)
 
 
-def installed(model: nn.Module) -> dict | None:
-    """The options of the rotary installed in ``model`` (as recorded in its config), or None."""
-    return recorded(getattr(model, "config", None))
+def installed(model: nn.Module) -> Install | None:
+    """The record of the rotary :func:`install` put into ``model`` (its ``options``, an :class:`InstallOptions`,
+    and ``rotaries``), or None; as :func:`rotary.whisper.installed` for openai-whisper."""
+    return find(model, _HOSTS) if isinstance(model, nn.Module) else None
+
+
+def _as_record(options) -> dict:
+    """Expected install options as a record: an :class:`InstallOptions`, its ``to_dict()``, or (installs before the
+    record existed) a dict of keyword arguments, sorted."""
+    if isinstance(options, InstallOptions):
+        return options.to_dict()
+    options = dict(options)
+    return options if is_record(options) else dict(sorted(options.items()))
 
 
 def from_pretrained(model_class, path: str | os.PathLike, **kwargs) -> nn.Module:
@@ -61,7 +74,8 @@ def from_pretrained(model_class, path: str | os.PathLike, **kwargs) -> nn.Module
 
     ``model_class`` is a transformers class (``AutoModelForCausalLM``, ``LlamaForCausalLM``, ...); kwargs go to its
     ``from_pretrained`` (``dtype=``, ...), except ``rotary=``: the install options you expect, checked against the
-    recorded ones. Loads the stock weights, installs the recorded rotary and loads its tensors from the checkpoint:
+    recorded ones (an :class:`InstallOptions` or its ``to_dict()``). Loads the stock weights, installs the recorded
+    rotary (records written by earlier versions, keyword dicts, too) and loads its tensors from the checkpoint:
     parameters come back bit-identical. A checkpoint without a record (a stock or folded one) is refused: load it
     with ``model_class.from_pretrained``.
     """
@@ -76,18 +90,23 @@ def from_pretrained(model_class, path: str | os.PathLike, **kwargs) -> nn.Module
             f"{path}: its config records no rotary install (a stock or folded checkpoint): load it with "
             f"{getattr(model_class, '__name__', model_class)}.from_pretrained"
         )
-    if expected is not None and dict(sorted(dict(expected).items())) != options:
-        expected = dict(sorted(dict(expected).items()))
-        raise ValueError(f"{path}: rotary configuration mismatch: expected {expected}, found {options}")
+    if expected is not None and _as_record(expected) != options:
+        raise ValueError(f"{path}: rotary configuration mismatch: expected {_as_record(expected)}, found {options}")
     forget(config)  # the stock load below must see a stock config; install records the options again
     model, info = model_class.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
     before = set(model.state_dict())
-    install(model, **options)
-    added = sorted(set(model.state_dict()) - before)
+    if is_record(options):
+        install(model, options=InstallOptions.from_dict(options))
+    else:  # written before the record existed: its keyword arguments
+        install(model, **options)
+    # The record's extra state (the options) may be absent (older checkpoints kept it elsewhere, or nowhere):
+    # the tensors must match.
+    added = sorted(k for k in set(model.state_dict()) - before if not k.endswith("_extra_state"))
     # transformers reports the rotary's tensors as unexpected, since the stock model has no place for them
-    found = sorted(info.get("unexpected_keys", ()))
-    tensors = read_tensors(path, added)
-    if found != added or len(tensors) != len(added):
+    found = sorted(k for k in info.get("unexpected_keys", ()) if not k.endswith("_extra_state"))
+    extra = sorted(k for k in set(model.state_dict()) - before if k.endswith("_extra_state"))
+    tensors = read_tensors(path, added + extra)
+    if found != added or not set(added) <= set(tensors):
         uninstall(model)
         raise ValueError(
             f"{path}: the checkpoint's rotary tensors do not match its recorded install {options}: expected "

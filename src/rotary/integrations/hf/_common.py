@@ -1,8 +1,10 @@
 """What every Hugging Face integration of rotary shares: the optional import, and the install record in the config.
 
-An install writes its options into the model's config under :data:`CONFIG_KEY` (``config.rotary``, a plain dict
-of JSON values). ``model.save_pretrained`` and Trainer checkpoints therefore carry them in ``config.json``, and
-:func:`rotary.hf.from_pretrained` reinstalls from them. Uninstalling, or folding everything away, deletes the
+An install writes its options into the model's config under :data:`CONFIG_KEY` (``config.rotary``, the JSON
+values of :meth:`rotary.integrations.install.InstallOptions.to_dict`; installs before that record existed wrote
+their keyword arguments, which :func:`rotary.hf.from_pretrained` still reads). ``model.save_pretrained`` and
+Trainer checkpoints therefore carry them in ``config.json``, and :func:`rotary.hf.from_pretrained` reinstalls from
+them. Uninstalling, or folding everything away, deletes the
 record, so a stock model's config is left as it was.
 """
 
@@ -15,7 +17,7 @@ from types import ModuleType
 
 from torch import Tensor
 
-__all__ = ["CONFIG_KEY", "forget", "read_tensors", "record", "recorded", "require_transformers"]
+__all__ = ["CONFIG_KEY", "forget", "read_tensors", "recorded", "require_transformers"]
 
 CONFIG_KEY = "rotary"
 
@@ -35,15 +37,6 @@ def recorded(config) -> dict | None:
     """The install options recorded in a transformers config (a copy), or None."""
     options = getattr(config, CONFIG_KEY, None)
     return None if options is None else dict(sorted(options.items()))  # sorted, as config.json stores them
-
-
-def record(config, options: dict) -> None:
-    """Record install options (JSON values only) in a transformers config, as ``config.json`` will hold them.
-
-    The JSON round trip fails here, not in ``save_pretrained``, on a value config.json cannot hold, and turns
-    tuples into lists, so that a reloaded record compares equal to the live one.
-    """
-    setattr(config, CONFIG_KEY, json.loads(json.dumps(dict(sorted(options.items())))))
 
 
 def forget(config) -> None:

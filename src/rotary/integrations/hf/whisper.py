@@ -6,11 +6,13 @@
 For ``WhisperForConditionalGeneration`` and ``WhisperModel`` (transformers >= 5). Options, defaults and meaning are
 those of :func:`rotary.whisper.install` (openai-whisper). What changes, and nothing else:
 
-- ``decoder.rotary``: one :class:`WhisperRotary` for the whole decoder, a registered submodule, so its parameters
-  are in ``named_parameters()`` and ``state_dict()`` (``model.decoder.rotary.*``), with its configuration as an
-  extra-state entry (``..._extra_state``) that ``load_state_dict`` checks.
-- ``model.config.rotary``: the install options (the record of :mod:`rotary.hf`), so that ``config.json`` carries
-  them; a fold sets its ``mixing`` to None.
+Every change is kept in the install record (:mod:`rotary.integrations.install`) at ``decoder.rotary_install``:
+
+- ``decoder.rotary``: one plain :class:`rotary.Rotary` for the whole decoder, a registered submodule, so its
+  parameters are in ``named_parameters()`` and ``state_dict()`` (``model.decoder.rotary.*``); the record's options
+  are an extra-state entry (``model.decoder.rotary_install._extra_state``) that ``load_state_dict`` checks.
+- ``model.config.rotary``: the install options (:meth:`InstallOptions.to_dict`), so that ``config.json`` carries
+  them; a fold sets their ``mixing`` to None.
 - attention placement: the ``forward`` of every decoder *self*-attention is replaced (an instance attribute) by
   transformers' ``WhisperAttention.forward`` for self-attention with q and k rotated at their absolute positions
   *before* the key cache is updated: HF's ``EncoderDecoderCache`` then holds rotated keys, and each decode step
@@ -44,21 +46,20 @@ The replaced forwards and hooks are small picklable objects, so ``copy.deepcopy`
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
+import warnings
 
-import torch
 from torch import Tensor, nn
 
-from ...core.fold import check_placement, fold_mixing
 from ...core.module import Rotary
-from ._common import forget, record, require_transformers
+from ...core.options import RotaryOptions
+from ..install import PLACEMENTS, Install, InstallOptions, find, flag
+from ._common import require_transformers
 
-__all__ = ["PLACEMENTS", "WhisperRotary", "install", "installed_placement", "uninstall"]
+__all__ = ["HOST", "PLACEMENTS", "install", "install_options", "installed", "installed_placement", "uninstall"]
 
-PLACEMENTS = ("attention", "embedding")
+HOST = "hf.whisper"
 _NO_CAP = 1 << 30  # max_target_positions while the learned table is bypassed: RoPE has no length limit
-_EXTRA_STATE_FORMAT = "rotary.hf.whisper/1"
+_ROTARY_OPTIONS = ("mixing", "interleaved", "rotary_dim", "base", "learned_freq", "scaling")
 
 
 def _transformers():
@@ -68,77 +69,6 @@ def _transformers():
     from transformers.models.whisper import modeling_whisper
 
     return WhisperForConditionalGeneration, WhisperModel, EncoderDecoderCache, modeling_whisper
-
-
-class WhisperRotary(Rotary):
-    """The :class:`rotary.Rotary` that :func:`install` registers at the decoder's ``rotary``.
-
-    A Rotary (same parameters, state_dict names and forward) that also knows where it was installed, so that
-    :func:`rotary.fold` can fold its P into the decoder self-attention ``q_proj``/``k_proj``
-    (:class:`rotary.fold.Foldable`), and records its configuration in the state_dict (extra state), so that a
-    checkpoint cannot be loaded into a rotary installed with other options.
-    """
-
-    def __init__(self, dims: int, heads: int, *, placement: str, learned_positions: bool, **rotary_options):
-        super().__init__(dims, heads, **rotary_options)
-        self.placement, self.learned_positions = placement, learned_positions
-        # as config.json will hold it (lists, not tuples), so that a reloaded record compares equal
-        self.scaling_options = json.loads(json.dumps(rotary_options.get("scaling")))
-        self.attention_layers: list[nn.Module] = []  # plain references, not submodules: transformers owns them
-        self.host_config = None  # the model's config, whose install record a fold updates
-        # keys can be cached rotated unless every angle moves with the sequence length (dynamic NTK, LongRoPE)
-        self.caches_rotated_keys = not self.length_dependent
-
-    def install_options(self) -> dict:
-        """The keyword arguments of :func:`install` that rebuild this rotary (after a fold: ``mixing=None``)."""
-        return {
-            "placement": self.placement,
-            "learned_positions": self.learned_positions,
-            "mixing": self.options.mixing,
-            "interleaved": self.interleaved,
-            "rotary_dim": self.rotary_dim,
-            "base": self.base,
-            "learned_freq": self.angles.log_freq_scale is not None,
-            "scaling": self.scaling_options,
-        }
-
-    def get_extra_state(self) -> Tensor:
-        # A uint8 tensor rather than a dict: safetensors (save_pretrained) stores tensors only.
-        text = json.dumps({"format": _EXTRA_STATE_FORMAT, **self.install_options()}, sort_keys=True)
-        return torch.tensor(list(text.encode()), dtype=torch.uint8)
-
-    def set_extra_state(self, state) -> None:
-        found, expected = _extra_state_options(state), self.install_options()
-        if found != expected:
-            raise ValueError(
-                f"this checkpoint's rotary was installed with {dict(sorted(found.items()))}, but this model's with "
-                f"{dict(sorted(expected.items()))}: "
-                "install with the checkpoint's options (rotary.hf.from_pretrained reads them from its config)"
-            )
-
-    def prepare_fold(self) -> Callable[[], None] | None:
-        if self.mixer is None:
-            return None
-        check_placement(self.placement)
-        projections = [p for a in self.attention_layers for p in (a.q_proj, a.k_proj)]
-
-        def action():
-            fold_mixing(self.remove_mixing(), *projections)
-            if self.host_config is not None:
-                record(self.host_config, self.install_options())  # mixing=None: a reload must not bring P back
-
-        return action
-
-
-def _extra_state_options(state) -> dict:
-    """The install options recorded in a :class:`WhisperRotary` extra-state tensor."""
-    try:
-        options = json.loads(bytes(state.tolist()).decode())
-        if options.pop("format") != _EXTRA_STATE_FORMAT:
-            raise ValueError
-    except (AttributeError, TypeError, ValueError, KeyError) as error:
-        raise ValueError(f"not a rotary.hf.whisper rotary record (expected {_EXTRA_STATE_FORMAT!r})") from error
-    return options
 
 
 class _SelfAttentionForward:
@@ -178,7 +108,7 @@ class _SelfAttentionForward:
         v = a.v_proj(hidden_states).view(hidden_shape).transpose(1, 2).contiguous()  # (B, H, T, D)
         if isinstance(cache, self.encoder_decoder_cache):
             cache = cache.self_attention_cache
-        if self.rotary.caches_rotated_keys:
+        if not self.rotary.length_dependent:  # keys cached rotated: their positions never change
             offset = cache.get_seq_length(a.layer_idx) if cache is not None else 0  # a Python int: no host sync
             # Rotated in (B, T, H, D), the projections' own buffers, then laid out (B, H, T, D) as transformers does.
             q, k = self.rotary.rotate_qk(q, k, offset=offset, layout="BTHD")
@@ -286,7 +216,29 @@ def _decoder(model: nn.Module) -> nn.Module:
     )
 
 
-def install(model: nn.Module, *, placement: str = "attention", learned_positions: bool | None = None, **rotary_options):
+def install_options(model: nn.Module, *, placement: str = "attention", learned_positions: bool | None = None,
+                    **rotary_options) -> InstallOptions:
+    """The :class:`InstallOptions` that :func:`install` builds from its keyword arguments; raises ValueError or
+    TypeError, naming the value, for bad ones. Nothing is changed."""
+    config = model.config
+    if placement not in PLACEMENTS:
+        raise ValueError(
+            f"placement must be one of {PLACEMENTS} (the decoder's self-attention or its token embeddings; HF "
+            f"Whisper has no other), got {placement!r}"
+        )
+    if learned_positions is None:
+        learned_positions = placement == "embedding"
+    flag("learned_positions", learned_positions)
+    unknown = sorted(set(rotary_options) - set(_ROTARY_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected install options {unknown}: rotary.hf.whisper takes placement, "
+                        f"learned_positions and {', '.join(_ROTARY_OPTIONS)}")
+    rotary = RotaryOptions(config.d_model, config.decoder_attention_heads, **rotary_options)
+    # The Rotary applies P itself, R(m) P x, on the q and k it rotates: P on the activations.
+    return InstallOptions(rotary, placement=placement, learned_positions=learned_positions, mix_on="activations")
+
+
+def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs):
     """Install one Rotary into a Hugging Face Whisper's text decoder, in place; returns the model.
 
     Args:
@@ -298,56 +250,59 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
         learned_positions: keep adding the learned absolute table ``embed_positions``; default True for
             ``"embedding"`` (the original module's form), False for ``"attention"`` (RoPE replaces the table and
             lifts the ``max_target_positions`` cap).
-        rotary_options: keyword arguments of :class:`rotary.Rotary` (``mixing``, ``interleaved``, ``rotary_dim``,
-            ``base``, ``learned_freq``, ``scaling``).
+        mixing, interleaved, rotary_dim, base, learned_freq, scaling: the options of :class:`rotary.Rotary`.
+        options: instead of the keywords, a recorded :class:`InstallOptions` (``config.rotary``).
 
     Every check runs before the model is changed: after an error nothing is installed. A pretrained Whisper has
     never seen rotated queries, keys or embeddings: installing changes its outputs (even with P = I, RoPE itself
     is new to it), so fine-tune after installing.
     """
-    _, _, encoder_decoder_cache, modeling_whisper = _transformers()
+    conditional, _, encoder_decoder_cache, modeling_whisper = _transformers()
     decoder = _decoder(model)
-    if placement not in PLACEMENTS:
-        raise ValueError(
-            f"placement must be one of {PLACEMENTS} (the decoder's self-attention or its token embeddings; HF "
-            f"Whisper has no other), got {placement!r}"
-        )
-    found = installed_placement(model)
+    found = installed(model)
     if found is not None:
         raise RuntimeError(
-            f"a rotary is already installed in this model (placement={found!r}): call rotary.hf.uninstall(model) "
-            "first"
+            f"a rotary is already installed in this model (placement={found.options.placement!r}): call "
+            "rotary.hf.uninstall(model) first"
         )
-    if "rotary" in decoder._modules or "rotary" in decoder.__dict__:
-        raise RuntimeError(f"the decoder already has an attribute named 'rotary': {getattr(decoder, 'rotary')!r}")
-    if learned_positions is None:
-        learned_positions = placement == "embedding"
+    if options is None:
+        options = install_options(model, **kwargs)
+    elif kwargs:
+        raise TypeError(f"pass either options= or keyword options, not both (got {sorted(kwargs)})")
     config = model.config
+    if (options.rotary.dims, options.rotary.heads) != (config.d_model, config.decoder_attention_heads):
+        raise ValueError(f"these install options are for dims={options.rotary.dims}, heads={options.rotary.heads}; "
+                         f"this decoder has {config.d_model}, {config.decoder_attention_heads}")
+    if options.mix_on != "activations" or options.per_layer:
+        raise ValueError("rotary.hf.whisper applies one P in the Rotary itself: mix_on='activations', per_layer=False")
+    for name in ("rotary", "rotary_install"):
+        if hasattr(decoder, name):
+            raise RuntimeError(f"the decoder already has an attribute named {name!r}: {getattr(decoder, name)!r}")
+    placement, learned = options.placement, options.learned_positions
     # Built (and validated) before anything is changed; float32 on the decoder's device whatever the model's
     # dtype: Rotary computes its angles in float32 at least.
-    rot = WhisperRotary(
-        config.d_model, config.decoder_attention_heads, placement=placement,
-        learned_positions=bool(learned_positions), **rotary_options,
-    ).to(decoder.embed_tokens.weight.device)
-
-    record(config, rot.install_options())
-    rot.host_config = config
-    decoder.rotary = rot
-    if placement == "attention":
-        for layer in decoder.layers:
-            attn = layer.self_attn
-            attn.forward = _SelfAttentionForward(
+    rot = Rotary.from_options(options.rotary).to(decoder.embed_tokens.weight.device)
+    attentions = [layer.self_attn for layer in decoder.layers] if placement == "attention" else []
+    record = Install(HOST, options, config=config)
+    try:
+        record.add_rotary(rot, decoder, projections=[p for a in attentions for p in (a.q_proj, a.k_proj)])
+        record.attach(decoder)
+        for attn in attentions:
+            record.replace_forward(attn, _SelfAttentionForward(
                 attn, rot, encoder_decoder_cache, modeling_whisper.ALL_ATTENTION_FUNCTIONS,
                 modeling_whisper.eager_attention_forward,
-            )
-            rot.attention_layers.append(attn)
-    if placement == "embedding" or not learned_positions:
-        decoder.embed_positions.forward = _NoLearnedPositions(decoder.embed_positions)
-    if placement == "embedding" or learned_positions:
-        decoder.register_forward_pre_hook(_DecoderInputs(placement, bool(learned_positions)), with_kwargs=True)
-    if not learned_positions and isinstance(model, _transformers()[0]):
-        model.max_target_positions = _NO_CAP  # the labels length check of WhisperForConditionalGeneration.forward
-        model.generate = _UncappedGenerate(model)
+            ))
+        if placement == "embedding" or not learned:
+            record.replace_forward(decoder.embed_positions, _NoLearnedPositions(decoder.embed_positions))
+        if placement == "embedding" or learned:
+            record.forward_pre_hook(decoder, _DecoderInputs(placement, learned), with_kwargs=True)
+        if not learned and isinstance(model, conditional):
+            # the labels length check of WhisperForConditionalGeneration.forward, and generate's cap
+            record.set_attribute(model, "max_target_positions", _NO_CAP)
+            record.set_attribute(model, "generate", _UncappedGenerate(model))
+    except BaseException:
+        record.remove()
+        raise
     return model
 
 
@@ -357,27 +312,21 @@ def uninstall(model: nn.Module) -> nn.Module:
     The weights are left as they are: a model fine-tuned with a rotary (or folded by :func:`rotary.fold`)
     computes something else without it.
     """
-    decoder = _decoder(model)
-    if installed_placement(model) is None:
+    record = installed(model)
+    if record is None:
         raise ValueError("no rotary is installed in this model (expected one installed by rotary.hf.install)")
-    for layer in decoder.layers:
-        if isinstance(layer.self_attn.__dict__.get("forward"), _SelfAttentionForward):
-            del layer.self_attn.forward
-    if isinstance(decoder.embed_positions.__dict__.get("forward"), _NoLearnedPositions):
-        del decoder.embed_positions.forward
-    for key, hook in list(decoder._forward_pre_hooks.items()):
-        if isinstance(hook, _DecoderInputs):
-            del decoder._forward_pre_hooks[key]
-            decoder._forward_pre_hooks_with_kwargs.pop(key, None)
-    if isinstance(model.__dict__.get("generate"), _UncappedGenerate):
-        del model.generate
-        model.max_target_positions = model.config.max_target_positions
-    del decoder.rotary
-    forget(model.config)
+    record.remove()
     return model
 
 
+def installed(model: nn.Module) -> Install | None:
+    """The record of the rotary :func:`install` put into ``model``, or None."""
+    return find(_decoder(model), (HOST,))
+
+
 def installed_placement(model: nn.Module) -> str | None:
-    """``"attention"`` or ``"embedding"`` if :func:`install` put a rotary into ``model``, else None."""
-    rot = _decoder(model)._modules.get("rotary")
-    return rot.placement if isinstance(rot, WhisperRotary) else None
+    """Deprecated: ``installed(model).options.placement``, or None."""
+    warnings.warn("rotary.hf.whisper.installed_placement is deprecated: use installed(model).options.placement",
+                  DeprecationWarning, stacklevel=2)
+    record = installed(model)
+    return None if record is None else record.options.placement
