@@ -350,3 +350,29 @@ def test_missing_whisper_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "whisper.model", None)
     with pytest.raises(ImportError, match=r"pip install 'rotary\[whisper\]'"):
         rw.install(torch.nn.Linear(2, 2))
+
+
+def test_compiled_decoder_decodes_as_eager_without_a_compile_per_step(features, fresh_dynamo):
+    """The decode position comes from each call's cache (a shape), not from Python state: torch.compile'd, the
+    cached decode equals eager's and compiles a bounded number of frames however many steps run."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _installed("attention")
+    tokens = torch.randint(0, DIMS.n_vocab, (1, 14))
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model.decoder, backend=counter)
+
+    def decode(decoder):
+        cache, hooks = model.install_kv_cache_hooks()
+        try:
+            steps = [decoder(tokens[:, :3], features[:1], kv_cache=cache)]
+            steps += [decoder(tokens[:, i : i + 1], features[:1], kv_cache=cache) for i in range(3, 14)]
+        finally:
+            for h in hooks:
+                h.remove()
+        return torch.cat(steps, dim=1)
+
+    with torch.no_grad():
+        want, got = decode(model.decoder), decode(compiled)
+    assert (got - want).abs().max() <= _tol(want, 32)
+    assert counter.frame_count <= 3  # the prompt, the first step, then one graph with a dynamic position
