@@ -38,7 +38,7 @@ def test_no_recompiles_across_lengths():
 def test_inductor_forward_backward_matches_eager(interleaved):
     m = Rotary(48, 3, interleaved=interleaved, rotary_dim=12)
     with torch.no_grad():
-        m.mixing.angles.normal_()
+        m.mixer.angles.normal_()
     f = torch.compile(m, fullgraph=True)
     x = torch.randn(2, 7, 48, requires_grad=True)
     g = torch.randn(2, 7, 48)
@@ -46,7 +46,7 @@ def test_inductor_forward_backward_matches_eager(interleaved):
     y_c = f(x, offset=offset)
     y_e = m(x, offset=offset)
     torch.testing.assert_close(y_c, y_e, atol=1e-6, rtol=0)
-    grads_c = torch.autograd.grad(y_c, [x, m.mixing.angles], g)
-    grads_e = torch.autograd.grad(y_e, [x, m.mixing.angles], g)
+    grads_c = torch.autograd.grad(y_c, [x, m.mixer.angles], g)
+    grads_e = torch.autograd.grad(y_e, [x, m.mixer.angles], g)
     for a, b in zip(grads_c, grads_e):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -54,7 +54,7 @@ def test_empty_batch_or_sequence(mixing, shape, offset):
     B = shape[0]
     off = torch.arange(B) + 7 if offset == "tensor" else offset
     x = torch.randn(shape)
-    y = m(x, offset=off)
+    y = m(x, offset=off, layout="BTHD")
     assert y.shape == x.shape and y.dtype == x.dtype
     y3 = m(torch.randn(shape[0], shape[1], 16), offset=off)
     assert y3.shape == (shape[0], shape[1], 16)
@@ -68,7 +68,7 @@ def test_empty_batch_or_sequence(mixing, shape, offset):
 def test_empty_backward(mixing, shape):
     m = _module(mixing)
     x = torch.randn(shape, requires_grad=True)
-    y = m(x, offset=3)
+    y = m(x, offset=3, layout="BTHD")
     (g, *gp) = torch.autograd.grad(y.sum(), [x, *m.parameters()], allow_unused=True)
     assert g.shape == x.shape
     assert all(p is None or not bool(p.any()) for p in gp)  # nothing to learn from nothing
@@ -88,10 +88,10 @@ def test_empty_apply_rotary():
 def test_non_finite_values_stay_in_their_head_vector(mixing, bad, dtype):
     m = _module(mixing)
     x = torch.randn(2, 5, 2, 8).to(dtype)
-    clean = m(x, offset=11)
+    clean = m(x, offset=11, layout="BTHD")
     x_bad = x.clone()
     x_bad[1, 3, 0, 5] = bad
-    y = m(x_bad, offset=11)
+    y = m(x_bad, offset=11, layout="BTHD")
     assert not bool(torch.isfinite(y[1, 3, 0]).all())  # propagates: no silent finite answer
     others = torch.ones(2, 5, 2, dtype=torch.bool)
     others[1, 3, 0] = False
@@ -110,7 +110,7 @@ def test_16_bit_at_positions_up_to_a_million_within_one_ulp(dtype, mixing, start
     pos = torch.arange(start, start + T)
     kw = {"offset": start} if how == "offset" else {"offset": torch.tensor([start, start])} if how == "tensor offset" \
         else {"positions": pos}
-    y = m(x, **kw)
+    y = m(x, **kw, layout="BTHD")
     with torch.no_grad():
         ref = _reference(m, x, pos)
     # P is built in float32 from the parameters: its own error (a few float32 epsilons) is well below bf16/fp16's
@@ -149,12 +149,12 @@ def test_non_contiguous_inputs_equal_contiguous(mixing, strides, interleaved):
     m = _module(mixing, head_dim=D, interleaved=interleaved)
     x = _strided(strides, 3, 5, 2, D)
     assert not x.is_contiguous()
-    assert torch.equal(m(x, offset=4), m(x.contiguous(), offset=4))
+    assert torch.equal(m(x, offset=4, layout="BTHD"), m(x.contiguous(), offset=4, layout="BTHD"))
     if x.stride(0):  # an expanded tensor is read-only: no gradient into it
         up = torch.randn(x.shape)
         xg, xc = x.detach().requires_grad_(), x.contiguous().requires_grad_()  # xg keeps x's strides
-        (g1,) = torch.autograd.grad(m(xg, offset=4), xg, up)
-        (g2,) = torch.autograd.grad(m(xc, offset=4), xc, up)
+        (g1,) = torch.autograd.grad(m(xg, offset=4, layout="BTHD"), xg, up)
+        (g2,) = torch.autograd.grad(m(xc, offset=4, layout="BTHD"), xc, up)
         assert torch.equal(g1, g2)
     q, k = x.transpose(1, 2), x[:, :, :1].transpose(1, 2)  # (B, H, T, D) views, one key head
     qr, kr = m.rotate_qk(q, k, offset=2)
@@ -243,7 +243,7 @@ def test_second_derivatives(mixing, learned_freq, offset):
     names = [n for n, _ in m.named_parameters()]
 
     def f(x, *ps):
-        return torch.func.functional_call(m, dict(zip(names, ps)), (x,), {"offset": off})
+        return torch.func.functional_call(m, dict(zip(names, ps)), (x,), {"offset": off, "layout": "BTHD"})
 
     assert torch.autograd.gradcheck(f, (x, *params))
     assert torch.autograd.gradgradcheck(f, (x, *params))
@@ -260,7 +260,7 @@ def test_gradient_penalty_matches_the_reference():
         (gx,) = torch.autograd.grad((y * w).sum(), x, create_graph=True)
         return (gx**2).sum() + (y**2 * gx).sum()
 
-    got = torch.autograd.grad(penalty(m(x, offset=5)), params)
+    got = torch.autograd.grad(penalty(m(x, offset=5, layout="BTHD")), params)
     want = torch.autograd.grad(penalty(_reference(m, x, torch.arange(5, 9))), params)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

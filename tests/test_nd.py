@@ -20,19 +20,19 @@ def _make(kind, axes, *, dims=60, heads=3, rotary_dim=None, **kw):
         sections = [pairs // axes] * axes
         sections[0] += pairs - sum(sections)
     m = Rotary(dims, heads, axes=axes, directions=kind, sections=sections, rotary_dim=rotary_dim, **kw)
-    if m.mixing is not None:
+    if m.mixer is not None:
         with torch.no_grad():
-            for p in m.mixing.parameters():
+            for p in m.mixer.parameters():
                 p.normal_()
     return m
 
 
 def _vectors(m):
     """The reference's own vectors for fixed kinds; the module's parameter for mixed."""
-    if m.direction_kind == "mixed":
-        return m.directions.weight
-    return direction_vectors_reference(m.direction_kind, m.axes, m.rotary_dim, base=m.base,
-                                       sections=m.directions.counts)
+    if m.options.directions == "mixed":
+        return m.angles.directions.weight
+    return direction_vectors_reference(m.options.directions, m.axes, m.rotary_dim, base=m.base,
+                                       sections=m.angles.directions.counts)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -45,12 +45,12 @@ def test_matches_reference_outputs_and_gradients(kind, axes, mixing, interleaved
     x = torch.randn(B, T, H, D, requires_grad=True)
     cases = (torch.randint(-5, 50, (T, axes)), torch.rand(B, T, axes) * 90, torch.randint(0, 3000, (B, T, axes)))
     for positions in cases:
-        y = m(x, positions=positions)
+        y = m(x, positions=positions, layout="BTHD")
         P = m.mixing_matrix(torch.float64)
         ref = rotary_nd_reference(x, positions, _vectors(m), interleaved=interleaved, mixing=P)
         torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=0)
         g = torch.randn_like(y)
-        wanted = [x] + ([m.directions.weight] if kind == "mixed" else [])
+        wanted = [x] + ([m.angles.directions.weight] if kind == "mixed" else [])
         got = torch.autograd.grad(y, wanted, g)
         want = torch.autograd.grad(ref, wanted, g.double())
         for a, b in zip(got, want):
@@ -62,21 +62,22 @@ def test_layouts_and_rotate_qk(kind):
     m = _make(kind, 2, dims=48, heads=4)
     q, k = torch.randn(2, 3, 4, 12), torch.randn(2, 9, 4, 12)
     pos = torch.randint(0, 20, (2, 9, 2))
-    full = m(k, positions=pos)
+    full = m(k, positions=pos, layout="BTHD")
     q_rot, k_rot = m.rotate_qk(q, k, positions=pos, layout="BTHD")
     torch.testing.assert_close(k_rot, full)
-    torch.testing.assert_close(q_rot, m(q, positions=pos[:, -3:]))
+    torch.testing.assert_close(q_rot, m(q, positions=pos[:, -3:], layout="BTHD"))
     qh, kh = m.rotate_qk(q.transpose(1, 2), k.transpose(1, 2), positions=pos)  # (B, H, T, D)
     torch.testing.assert_close(kh.transpose(1, 2), full)
     torch.testing.assert_close(qh.transpose(1, 2), q_rot)
     kt = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, T, H, D) view of a (B, H, T, D) buffer
-    torch.testing.assert_close(m(kt, positions=pos), full)
+    torch.testing.assert_close(m(kt, positions=pos, layout="BTHD"), full)
     torch.testing.assert_close(m(k.flatten(2), positions=pos), full.flatten(2))  # (B, T, dims)
     params = [p for p in m.parameters() if p.requires_grad]
     if params:  # the same parameter gradients from either layout and from a transposed view
         g = torch.randn_like(full)
-        want = torch.autograd.grad(m(k, positions=pos), params, g)
-        for y in (m(k.transpose(1, 2), positions=pos, layout="BHTD").transpose(1, 2), m(kt, positions=pos)):
+        want = torch.autograd.grad(m(k, positions=pos, layout="BTHD"), params, g)
+        for y in (m(k.transpose(1, 2), positions=pos, layout="BHTD").transpose(1, 2),
+                  m(kt, positions=pos, layout="BTHD")):
             for a, b in zip(torch.autograd.grad(y, params, g), want):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -88,8 +89,9 @@ def test_scores_depend_only_on_position_difference(kind, axes):
     q, k = torch.randn(1, 6, 4, 12, dtype=torch.float64), torch.randn(1, 6, 4, 12, dtype=torch.float64)
     pos = torch.randint(0, 16, (6, axes))
     for shift in (torch.tensor([7, -3, 11][:axes]), torch.tensor([1000, 250, -40][:axes])):
-        s0 = torch.einsum("bthd,bshd->bhts", m(q, positions=pos), m(k, positions=pos))
-        s1 = torch.einsum("bthd,bshd->bhts", m(q, positions=pos + shift), m(k, positions=pos + shift))
+        s0 = torch.einsum("bthd,bshd->bhts", m(q, positions=pos, layout="BTHD"), m(k, positions=pos, layout="BTHD"))
+        s1 = torch.einsum("bthd,bshd->bhts", m(q, positions=pos + shift, layout="BTHD"),
+                          m(k, positions=pos + shift, layout="BTHD"))
         torch.testing.assert_close(s0, s1, atol=1e-9, rtol=0)
 
 
@@ -117,7 +119,7 @@ def test_one_axis_is_standard_rope():
     for kind, sections in (("oblique", None), ("sections", [6]), ("axial", None)):
         m = Rotary(48, 4, directions=kind, sections=sections)
         m.load_state_dict(plain.state_dict())
-        assert m.directions is None  # the 1-D path itself
+        assert m.angles.directions is None  # the 1-D path itself
         torch.testing.assert_close(m(x, positions=pos), want, atol=0, rtol=0)
         torch.testing.assert_close(m(x, offset=3), plain(x, offset=3), atol=0, rtol=0)
     assert "axes" not in repr(plain)
@@ -130,11 +132,11 @@ def test_table_gather_equals_direct(kind):
     m = _make(kind, 3, dims=48, heads=2, mixing=None)
     pos = torch.randint(0, 3000, (2, 11, 3))  # past the initial table: it grows
     cos, sin = m.cos_sin(pos)
-    angles = m.directions.angles(pos)
+    angles = m.angles.directions.angles(pos)
     torch.testing.assert_close(cos, angles.cos().float(), atol=1e-7, rtol=0)
     torch.testing.assert_close(sin, angles.sin().float(), atol=1e-7, rtol=0)
     c_neg, _ = m.cos_sin(pos - 10)  # negative positions: computed directly
-    torch.testing.assert_close(c_neg, m.directions.angles(pos - 10).cos().float(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(c_neg, m.angles.directions.angles(pos - 10).cos().float(), atol=1e-7, rtol=0)
 
 
 def test_offset_puts_every_axis_at_the_same_position():
@@ -160,7 +162,7 @@ def test_fp32_angles_whatever_the_module_dtype(kind):
     pos = torch.tensor([[5000, 3001], [4097, 7], [1, 6000], [2500, 2500]])
     ref = rotary_nd_reference(x, pos, (after if kind == "mixed" else before).detach())
     with torch.no_grad():
-        y = m(x, positions=pos)
+        y = m(x, positions=pos, layout="BTHD")
     assert y.dtype == torch.bfloat16
     assert float((y.double() - ref).abs().max()) <= 2 ** -7 * float(ref.abs().max())  # one bf16 rounding
     m.float()
@@ -171,31 +173,32 @@ def test_mixed_gradcheck_and_state_dict():
     m = Rotary(24, 2, axes=2, directions="mixed", mixing="givens").double()
     x = torch.randn(1, 3, 2, 12, dtype=torch.float64, requires_grad=True)
     pos = torch.tensor([[0.5, 1.0], [2.0, -1.5], [3.0, 4.0]], dtype=torch.float64)
-    w = m.directions.weight
-    torch.autograd.gradcheck(lambda x_: m(x_, positions=pos), (x,))
-    y = m(x, positions=pos)
+    w = m.angles.directions.weight
+    torch.autograd.gradcheck(lambda x_: m(x_, positions=pos, layout="BTHD"), (x,))
+    y = m(x, positions=pos, layout="BTHD")
     (gw,) = torch.autograd.grad(y, [w], torch.ones_like(y))
     eps, num = 1e-6, torch.zeros_like(w)
     with torch.no_grad():
         for idx in torch.cartesian_prod(*[torch.arange(s) for s in w.shape]).tolist():
             idx = tuple(idx)
             w[idx] += eps
-            up = m(x, positions=pos).sum()
+            up = m(x, positions=pos, layout="BTHD").sum()
             w[idx] -= 2 * eps
-            down = m(x, positions=pos).sum()
+            down = m(x, positions=pos, layout="BTHD").sum()
             w[idx] += eps
             num[idx] = (up - down) / (2 * eps)
     torch.testing.assert_close(gw, num, atol=1e-6, rtol=1e-6)
     state = m.state_dict()
-    assert set(state) >= {"directions.weight"} and not any("units" in k or "magnitudes" in k for k in state)
+    assert set(state) >= {"angles.directions.weight"} and not any("units" in k or "magnitudes" in k for k in state)
     fresh = Rotary(24, 2, axes=2, directions="mixed", mixing="givens").double()
     with torch.no_grad():
         w.add_(0.1)
     fresh.load_state_dict(m.state_dict())
-    torch.testing.assert_close(fresh(x, positions=pos), m(x, positions=pos), atol=0, rtol=0)
+    torch.testing.assert_close(fresh(x, positions=pos, layout="BTHD"), m(x, positions=pos, layout="BTHD"),
+                               atol=0, rtol=0)
     fresh.reset_parameters()
-    initial = Rotary(24, 2, axes=2, directions="mixed").directions.weight.double()
-    torch.testing.assert_close(fresh.directions.weight, initial)
+    initial = Rotary(24, 2, axes=2, directions="mixed").angles.directions.weight.double()
+    torch.testing.assert_close(fresh.angles.directions.weight, initial)
 
 
 def test_mixed_initialisation_spreads_directions():
@@ -277,13 +280,15 @@ def test_errors():
 def test_learned_freq_scales_fixed_directions():
     m = Rotary(48, 4, axes=2, directions="oblique", learned_freq=True, mixing=None)
     with torch.no_grad():
-        m.log_freq_scale.normal_()
+        m.angles.log_freq_scale.normal_()
     x = torch.randn(2, 5, 4, 12, requires_grad=True)
     pos = torch.randint(0, 30, (5, 2))
-    vec = direction_vectors_reference("oblique", 2, 12) * torch.exp(m.log_freq_scale.detach().double()).unsqueeze(-1)
-    torch.testing.assert_close(m(x, positions=pos).double(), rotary_nd_reference(x, pos, vec), atol=2e-5, rtol=0)
-    m(x, positions=pos).sum().backward()
-    assert m.log_freq_scale.grad is not None and m.log_freq_scale.grad.abs().sum() > 0
+    scale = torch.exp(m.angles.log_freq_scale.detach().double()).unsqueeze(-1)
+    vec = direction_vectors_reference("oblique", 2, 12) * scale
+    torch.testing.assert_close(m(x, positions=pos, layout="BTHD").double(), rotary_nd_reference(x, pos, vec),
+                               atol=2e-5, rtol=0)
+    m(x, positions=pos, layout="BTHD").sum().backward()
+    assert m.angles.log_freq_scale.grad is not None and m.angles.log_freq_scale.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("batch_positions", [False, True])

@@ -73,16 +73,16 @@ def test_matches_transformers(scheme, T):
     config = _hf_config(*SCHEMES[scheme])
     hf = llama.LlamaRotaryEmbedding(config)  # fresh: transformers' dynamic/longrope keep state between calls
     m = Rotary(HEAD_DIM * HEADS, HEADS, mixing=None, interleaved=False, scaling=_scaling_from(config))
-    assert m.attention_factor == pytest.approx(hf.attention_scaling, rel=1e-12)
+    assert m.angles.attention_factor == pytest.approx(hf.attention_scaling, rel=1e-12)
     q = torch.randn(2, HEADS, T, HEAD_DIM)  # transformers' (B, H, T, D)
     k = torch.randn(2, HEADS, T, HEAD_DIM)
     cos, sin = hf(q, torch.arange(T).expand(2, T))
     q_hf, k_hf = llama.apply_rotary_pos_emb(q, k, cos, sin)
     q_ours, k_ours = m.rotate_qk(q, k)
-    y = m(q.transpose(1, 2)).transpose(1, 2)  # (B, T, H, D) layout through forward
+    y = m(q.transpose(1, 2), layout="BTHD").transpose(1, 2)  # (B, T, H, D) layout through forward
     # transformers rounds each angle m * w_i (|m w_i| < T) to float32 (error ~ T * 2^-23) and its frequencies
     # carry a few float32 ulps; each output mixes two inputs, scaled by the attention factor.
-    atol = 2 * m.attention_factor * max(q.abs().max(), k.abs().max()).item() * (T + 8) * EPS32
+    atol = 2 * m.angles.attention_factor * max(q.abs().max(), k.abs().max()).item() * (T + 8) * EPS32
     for ours, theirs in ((q_ours, q_hf), (k_ours, k_hf), (y, q_hf)):
         torch.testing.assert_close(ours, theirs, atol=atol, rtol=0)
 
@@ -98,9 +98,9 @@ def test_matches_transformers_for_a_chunk_at_an_offset(scheme, start):
     x = torch.randn(2, HEADS, T, HEAD_DIM)
     cos, sin = llama.LlamaRotaryEmbedding(config)(x, torch.arange(start, start + T)[None])
     expected, _ = llama.apply_rotary_pos_emb(x, x, cos, sin)
-    atol = 2 * m.attention_factor * x.abs().max().item() * (start + T + 8) * EPS32
+    atol = 2 * m.angles.attention_factor * x.abs().max().item() * (start + T + 8) * EPS32
     for kwargs in ({"offset": start}, {"offset": torch.tensor(start)}, {"positions": torch.arange(start, start + T)}):
-        y = m(x.transpose(1, 2), **kwargs).transpose(1, 2)
+        y = m(x.transpose(1, 2), **kwargs, layout="BTHD").transpose(1, 2)
         torch.testing.assert_close(y, expected, atol=atol, rtol=0)
 
 
@@ -117,7 +117,7 @@ def test_matches_transformers_with_partial_rotary_factor():
     rotated, _ = llama.apply_rotary_pos_emb(x[..., :r], x[..., :r], cos, sin)
     expected = torch.cat((rotated, x[..., r:]), dim=-1)
     q, _ = m.rotate_qk(x, x)
-    atol = 2 * m.attention_factor * x.abs().max().item() * (T + 8) * EPS32
+    atol = 2 * m.angles.attention_factor * x.abs().max().item() * (T + 8) * EPS32
     torch.testing.assert_close(q, expected, atol=atol, rtol=0)
     assert torch.equal(q[..., r:], x[..., r:])  # the attention factor only touches rotated channels, as in transformers
 
@@ -128,7 +128,7 @@ def test_every_scheme_changes_long_contexts(scheme):
     m = Rotary(HEAD_DIM * HEADS, HEADS, mixing=None, scaling={**params, "max_position_embeddings": max_positions})
     plain = Rotary(HEAD_DIM * HEADS, HEADS, mixing=None, base=m.base)
     x = torch.randn(1, 3 * L0, HEADS, HEAD_DIM)
-    assert (m(x) - plain(x)).abs().max() > 1e-2
+    assert (m(x, layout="BTHD") - plain(x, layout="BTHD")).abs().max() > 1e-2
 
 
 def test_dynamic_is_plain_rope_within_the_original_context():
@@ -162,8 +162,8 @@ def test_p_rope_keeps_the_fastest_fraction_and_passes_the_rest_exactly(p):
     assert torch.equal(w[:kept], inverse_frequencies(HEAD_DIM, 10000.0)[:kept])
     assert bool((w[kept:] == 0).all())
     x = torch.randn(2, 9, 3, HEAD_DIM)
-    y = m(x, offset=5)
-    assert torch.equal(y, same(x, offset=5))
+    y = m(x, offset=5, layout="BTHD")
+    assert torch.equal(y, same(x, offset=5, layout="BTHD"))
     half = HEAD_DIM // 2
     dropped = [i for i in range(half) if i >= kept] + [i + half for i in range(half) if i >= kept]
     assert torch.equal(y[..., dropped], x[..., dropped])  # frequency 0: the identity, bit-exact
@@ -205,7 +205,7 @@ def test_unrotated_key_cache_equals_full_forward(scheme, mixing):
     qr, kr = m.rotate_qk(q[:, :, :prefill], k[:, :, :prefill])
     outputs = [_attend(qr, kr, v[:, :, :prefill])]
     for t in range(prefill, N):  # decode: one query, all cached (unrotated) keys
-        qr, kr = m.rotate_qk(q[:, :, t : t + 1], k[:, :, : t + 1])
+        qr, kr = m.rotate_qk(q[:, :, t : t + 1], k[:, :, : t + 1], offset=t)  # offset: the query's position
         outputs.append(_attend(qr, kr, v[:, :, : t + 1]))
     cached = torch.cat(outputs, dim=2)
     for t in range(prefill, N + 1):  # no cache: a full forward over the first t tokens (the prompt: all rows)
@@ -219,7 +219,7 @@ def test_unrotated_key_cache_equals_full_forward(scheme, mixing):
 def test_rotated_key_cache_with_fixed_length_equals_full_forward(scheme):
     m = Rotary(32, 4, scaling=LENGTH_DEPENDENT[scheme])
     with torch.no_grad():
-        m.mixing.angles.normal_()
+        m.mixer.angles.normal_()
     N = 40
     x = torch.randn(2, N, 32)
     full = m(x, length=N)
@@ -248,12 +248,12 @@ def test_compile_fullgraph_without_recompiles_across_the_original_context(scheme
     assert_decodes_without_recompiles(m, range(10, 40))  # from inside to well past the original context (16)
     counter = CompileCounterWithBackend("aot_eager")
     g = torch.compile(m.rotate_qk, backend=counter, fullgraph=True)  # the unrotated-cache path
-    g(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 3, 8))
-    g(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 4, 8))
+    g(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 3, 8), offset=2)  # offset: the query's position, Tk - 1
+    g(torch.randn(2, 4, 1, 8), torch.randn(2, 4, 4, 8), offset=3)
     warm = counter.frame_count
     for t in range(5, 40):
         q, k = torch.randn(2, 4, 1, 8), torch.randn(2, 4, t, 8)
-        for a, b in zip(g(q, k), m.rotate_qk(q, k)):
+        for a, b in zip(g(q, k, offset=t - 1), m.rotate_qk(q, k, offset=t - 1)):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert counter.frame_count == warm
 
@@ -273,16 +273,16 @@ def test_learned_mixing_composes(scheme, mixing, interleaved):
             p.normal_()
     B, T, offset = 2, 5, 3 * L0
     x = torch.randn(B, T, HEADS, HEAD_DIM, requires_grad=True)
-    y = m(x, offset=offset)
+    y = m(x, offset=offset, layout="BTHD")
     pos = torch.arange(offset, offset + T)
     freqs = m.frequencies(offset + T).detach()
-    ref = m.attention_factor * rotary_reference(x.detach(), pos, interleaved=interleaved, freqs=freqs,
+    ref = m.angles.attention_factor * rotary_reference(x.detach(), pos, interleaved=interleaved, freqs=freqs,
                                                 mixing=m.mixing_matrix(torch.float64).detach())
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=0)
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, x, g)
     xd = x.detach().double().requires_grad_()
-    ref = m.attention_factor * rotary_reference(xd, pos, interleaved=interleaved, freqs=freqs,
+    ref = m.angles.attention_factor * rotary_reference(xd, pos, interleaved=interleaved, freqs=freqs,
                                                 mixing=m.mixing_matrix(torch.float64).detach())
     (gref,) = torch.autograd.grad(ref, xd, g.double())
     torch.testing.assert_close(gx.double(), gref, atol=1e-5, rtol=0)
@@ -291,8 +291,9 @@ def test_learned_mixing_composes(scheme, mixing, interleaved):
 def test_dtype_casts_keep_the_scaled_tables():
     m = Rotary(48, 3, scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": L0})
     cast = copy.deepcopy(m).to(torch.bfloat16)
-    assert cast.cos_cached.dtype == torch.float32
-    assert torch.equal(cast.cos_cached, m.cos_cached) and torch.equal(cast.sin_cached, m.sin_cached)
+    assert cast.angles.cos_table.dtype == torch.float32
+    assert torch.equal(cast.angles.cos_table, m.angles.cos_table)
+    assert torch.equal(cast.angles.sin_table, m.angles.sin_table)
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
