@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from conftest import assert_decodes_without_recompiles
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from rotary import Rotary
-
-from conftest import assert_decodes_without_recompiles
 
 
 @pytest.fixture(autouse=True)

@@ -326,6 +326,6 @@ def test_speed_benchmark_runs_at_a_tiny_shape(axes):
     """`rotary bench nd`, as a smoke run: every contender timed, every kind's ratio to 1-D judged."""
     from rotary.lab.bench.suites import run_suite
 
-    rows = [r for r in run_suite("nd", quick=True, device="cpu", axes=(axes,))]
+    rows = list(run_suite("nd", quick=True, device="cpu", axes=(axes,)))
     assert {r.name for r in rows if r.unit == "ms"} == {"1-D"} | {f"{axes}-D {k}" for k in KINDS}
     assert [(r.name, r.ok is not None) for r in rows if r.unit == "x"] == [(f"{axes}-D {k} / 1-D", True) for k in KINDS]

@@ -82,7 +82,7 @@ class Case:
 @st.composite
 def modules(draw, *, length_dependent: bool = True, attention_factor: bool = True) -> Rotary:
     head_dim = draw(st.integers(2, 9))
-    heads = draw(st.sampled_from([h for h in (1, 2, 3, 4, 6)]))
+    heads = draw(st.sampled_from([1, 2, 3, 4, 6]))
     mixings = [None, "givens", "orthogonal"] + (["quaternion"] if head_dim % 3 == 0 else [])
     mixing = draw(st.sampled_from(mixings))
     rotary_dim = draw(st.sampled_from([None, *range(2, head_dim + 1, 2)]))
@@ -197,7 +197,8 @@ def _check(y: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor, what: str) -> 
     err = (y.double() - ref).abs()
     bad = err > tol
     assert not bool(bad.any()), (f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst error "
-                                 f"{float(err.max()):.3e} where the tolerance is {float(tol.expand_as(err)[bad].min()):.3e}")
+                                 f"{float(err.max()):.3e} where the tolerance is "
+                                 f"{float(tol.expand_as(err)[bad].min()):.3e}")
 
 
 @PROFILE
@@ -248,7 +249,7 @@ def test_gradients_equal_the_float64_reference(drawn):
             tol = (64 * m.head_dim * eps[name] + p_err) * (float(up.abs().max()) + 1)
         else:
             tol = (64 * m.head_dim * eps[name] + p_err) * size * (1 + (reach if "freq" in name else 0))
-        torch.testing.assert_close(got, want, atol=tol, rtol=0, msg=lambda s: f"grad {name}: {s}")
+        torch.testing.assert_close(got, want, atol=tol, rtol=0, msg=lambda s, name=name: f"grad {name}: {s}")
 
 
 @PROFILE

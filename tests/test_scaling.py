@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import assert_decodes_without_recompiles
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from rotary import Rotary, rotary_reference
 from rotary.core.frequencies import inverse_frequencies
-
-from conftest import assert_decodes_without_recompiles
 
 L0 = 32  # original (training) context of every test scheme
 HEAD_DIM, HEADS = 16, 3

@@ -169,7 +169,8 @@ def _givens(givens, D: int, device):
         return None
     c, s, partner = givens
     if c.shape != (D,) or s.shape != (D,) or partner.shape != (D,):
-        raise ValueError(f"givens must be (c, s, partner), each of shape ({D},), got {[tuple(t.shape) for t in givens]}")
+        shapes = [tuple(t.shape) for t in givens]
+        raise ValueError(f"givens must be (c, s, partner), each of shape ({D},), got {shapes}")
     return c.to(device), s.to(device), partner.to(device)
 
 

@@ -208,7 +208,7 @@ class Rotary(nn.Module):
         if positions is None and length is None and not torch.is_grad_enabled() and q.dim() == k.dim() == 4 \
                 and layout in LAYOUTS and not kernel.wants_triton(q):  # the no-grad path first: every check costs
             t = 2 if layout == "BHTD" else 1
-            if qk_match(q, k, t) and (type(offset) is int and offset >= k.shape[t] - q.shape[t]
+            if qk_match(q, k, t) and ((type(offset) is int and offset >= k.shape[t] - q.shape[t])
                                       or isinstance(offset, Tensor)):
                 lag = k.shape[t] - q.shape[t]
                 k_rot = rotate_no_grad(self, k, offset - lag if lag else offset, layout, True)

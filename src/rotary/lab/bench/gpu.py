@@ -144,7 +144,7 @@ def _speed_rows(name, B, H, T, D, offset, dtype, device, seed, repeats, log, pea
                     fn = _runner(forward, inputs, pass_, generator)
                     fn()  # compiles, and fails here rather than inside the timed loop
                     fns[cname] = fn
-                except Exception as e:  # noqa: BLE001 (a contender that cannot run is reported, not fatal)
+                except Exception as e:
                     errors[cname] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             times = time_interleaved(fns, device=device, repeats=repeats)
             times = {c: [t / _LOOP for t in ts] for c, ts in times.items()}

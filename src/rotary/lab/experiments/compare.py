@@ -61,7 +61,7 @@ def _differences(previous: dict, settings: dict) -> list[str]:
 def folder_lock(out: Path):
     """Hold ``out/.lock`` for the duration; CompareError if another process (or another open) holds it."""
     try:
-        f = open(out / ".lock", "a+")
+        f = open(out / ".lock", "a+")  # noqa: SIM115 (closed by the with below, once the error path is past)
     except OSError as e:
         raise CompareError(f"cannot write to --out {out}: {e.strerror or e}") from None
     with f:
