@@ -2,7 +2,7 @@
 
 ``rotary::rope_fwd`` and ``rotary::rope_bwd`` are opaque to the compiler (``torch.library.custom_op``): Inductor
 calls them as they are, which is what a hand-written kernel at the memory floor wants. Their bodies import triton
-(through :mod:`rotary.core.triton_kernel`) only when they run, so registering them needs no triton.
+(through :mod:`rotary.core.triton_launch`) only when they run, so registering them needs no triton.
 
 Tensors are already in the kernel's orientation ``(A, T, H, D)`` (see :mod:`rotary.core.triton_kernel`) and
 validated by :mod:`rotary.core.kernel`. Outputs a call does not have (no keys, no Givens gradient) are empty
@@ -38,12 +38,12 @@ def _keys_shift(x: Tensor, k: Tensor | None) -> tuple[int, int]:
 def _rope_fwd(x: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, positions: Tensor | None,
               offsets: Tensor | None, c: Tensor | None, s: Tensor | None, partner: Tensor | None, offset: int,
               table: bool, interleaved: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    from . import triton_kernel
+    from . import triton_launch
 
     y = torch.empty_like(x, dtype=out_dtype)  # x's memory order: a transposed view stays one
     yk = _empty(x) if k is None else torch.empty_like(k, dtype=out_dtype)
     shift, _ = _keys_shift(x, k)
-    triton_kernel.forward(x, y, cos, sin, interleaved=interleaved, x2=k, o2=None if k is None else yk,
+    triton_launch.forward(x, y, cos, sin, interleaved=interleaved, x2=k, o2=None if k is None else yk,
                           shift1=shift, table=table, positions=positions, offsets=offsets, offset=offset,
                           givens=_givens(c, s, partner))
     return y, yk
@@ -60,12 +60,12 @@ def _rope_bwd(gy: Tensor, gk: Tensor | None, x: Tensor | None, k: Tensor | None,
               positions: Tensor | None, offsets: Tensor | None, c: Tensor | None, s: Tensor | None,
               partner: Tensor | None, offset: int, table: bool, interleaved: bool, need_cs: bool, need_trig: bool,
               x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from . import triton_kernel
+    from . import triton_launch
 
     gx = torch.empty_like(gy, dtype=x_dtype)
     gxk = _empty(gy) if gk is None else torch.empty_like(gk, dtype=x_dtype)
     shift, _ = _keys_shift(gy, gk)
-    cs, tc, ts = triton_kernel.backward(
+    cs, tc, ts = triton_launch.backward(
         gy, gx, x, cos, sin, interleaved=interleaved, g2=gk, gx2=None if gk is None else gxk, x2=k, shift1=shift,
         table=table, positions=positions, offsets=offsets, offset=offset, givens=_givens(c, s, partner),
         need_cs=need_cs, need_trig=need_trig)
@@ -152,10 +152,10 @@ class _Inplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k, cos, sin, positions, offsets, givens, offset, table, interleaved):
-        from . import triton_kernel
+        from . import triton_launch
 
         shift, _ = _keys_shift(x, k)
-        triton_kernel.forward(x, x, cos, sin, interleaved=interleaved, x2=k, o2=k, shift1=shift, table=table,
+        triton_launch.forward(x, x, cos, sin, interleaved=interleaved, x2=k, o2=k, shift1=shift, table=table,
                               positions=positions, offsets=offsets, offset=offset, givens=_givens(*givens)
                               if givens is not None else None, inplace=True)
         ctx.mark_dirty(*([x] if k is None else [x, k]))
