@@ -36,7 +36,8 @@ class Angles(nn.Module):
     """The frequencies (base, scaling, learned scale, N-D directions) and the cos/sin table of one Rotary.
 
     Parameters: ``log_freq_scale`` ``(r/2,)`` with ``learned_freq`` (zero: the scale is 1), the direction weights
-    of ``directions="mixed"`` (in ``directions``). Not in the state_dict: the table.
+    of ``directions="mixed"`` (in ``directions``). Not in the state_dict: the table. ``fixed``: whether the table
+    holds every angle there is (no parameter, no length dependence).
     """
 
     def __init__(self, options: RotaryOptions):
@@ -52,6 +53,8 @@ class Angles(nn.Module):
                        None if options.sections is None else list(options.sections))
             if options.nd else None
         )
+        # Fixed at construction, and read at every decode step: a plain attribute, not a property chain.
+        self.fixed = not self.learned and not self.length_dependent
         self.register_buffer("cos_table", torch.empty(0, pairs), persistent=False)
         self.register_buffer("sin_table", torch.empty(0, pairs), persistent=False)
         self.build_table(0 if self.length_dependent else INITIAL_ROWS)
@@ -66,11 +69,6 @@ class Angles(nn.Module):
     def learned(self) -> bool:
         """Whether the angles depend on a parameter (learned frequencies or directions)."""
         return self.log_freq_scale is not None or (self.directions is not None and self.directions.per_head)
-
-    @property
-    def fixed(self) -> bool:
-        """Whether the table holds every angle there is (no parameter, no length dependence)."""
-        return not self.learned and not self.length_dependent
 
     @property
     def per_head(self) -> bool:

@@ -51,7 +51,9 @@ def _table_rows(table: Tensor, offset, B: int, T: int, time_dim: int) -> Tensor 
 def rotate_no_grad(rotary, x: Tensor, offset, layout: str, mix: bool) -> Tensor | None:
     """``R(m) P x`` (``R(m) x`` if not ``mix``) for a :class:`rotary.Rotary`, or None where this path does not
     apply. Every check here is a cheap attribute read."""
-    if not rotary.angles.fixed or x.dtype not in _DTYPES or torch.compiler.is_compiling():
+    # submodules read from _modules directly: nn.Module.__getattr__ costs about a microsecond a lookup
+    angles, mixer = rotary._modules["angles"], rotary._modules.get("mixer")
+    if not angles.fixed or x.dtype not in _DTYPES or torch.compiler.is_compiling():
         return None
     rank = x.dim()
     if rank == 3:
@@ -68,12 +70,12 @@ def rotate_no_grad(rotary, x: Tensor, offset, layout: str, mix: bool) -> Tensor 
             return None if y is None else y.transpose(1, 2)
     else:
         return None
-    cis = _table_rows(rotary.angles.cis_table, offset, x4.shape[0], x4.shape[time_dim], time_dim)
+    cis = _table_rows(angles.cis_table, offset, x4.shape[0], x4.shape[time_dim], time_dim)
     if cis is None:
         return None
     xf = x4 if x4.dtype == torch.float32 else x4.float()
-    if mix and rotary.mixer is not None:
-        xf = rotary.mixer.apply_frozen(xf)
+    if mix and mixer is not None:
+        xf = mixer.apply_frozen(xf)
     if rotary.interleaved and rotary.rotary_dim == rotary.head_dim and xf.is_contiguous():
         y = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cis).flatten(-2)
     else:

@@ -74,7 +74,7 @@ def choose(x: Tensor) -> str:
 def wants_triton(x: Tensor) -> bool:
     """:func:`choose` is ``"triton"``, with the common CPU case (no ``ROTARY_KERNEL`` set) answered in one lookup:
     the no-grad decode path costs microseconds, and this runs before it."""
-    if x.device.type == "cpu" and "ROTARY_KERNEL" not in os.environ:
+    if x.is_cpu and "ROTARY_KERNEL" not in os.environ:  # is_cpu: no torch.device object built per call
         return False
     return choose(x) == "triton"
 
