@@ -207,13 +207,14 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-# what --quick takes with all other flags at their defaults, measured on a 2-core AMD EPYC VM (torch 2.13 CPU, other
-# jobs sharing it): `rotary compare --quick` 43 s wall clock (tasks text grid digits; 45 s for text lookback copy),
-# `rotary bench --quick` 19 s (torchtune not installed)
-COMPARE_QUICK = "about 45 s on 2 CPU cores"
+# what --quick takes with all other flags at their defaults, measured on a 2-core AMD EPYC VM (torch 2.13 CPU),
+# 2026-12-02, nothing else running: `rotary compare --quick` 25 s wall clock (tasks text grid digits; 43-45 s in
+# earlier runs with other jobs sharing the machine), `rotary bench --quick` 32 s (every suite, torchtune not
+# installed; 19 s before the gpu suite and the suites folded in from benchmarks/)
+COMPARE_QUICK = "about 25-45 s on 2 CPU cores"
 # `rotary compare --tasks extend --out runs/extend`, same machine: 285 s, killed, then 56 s resumed (docs/results.md)
 EXTEND_TIME = "--tasks extend alone takes about 6 minutes on 2 CPU cores"
-BENCH_QUICK = "about 20 s on 2 CPU cores"
+BENCH_QUICK = "about 30 s on 2 CPU cores"
 
 
 def build_parser() -> argparse.ArgumentParser:
