@@ -107,16 +107,9 @@ def _fwd_tensor(X, O, sxa, sxt, sxh, sxd, soa, sot, soh, sod, H, T_x, shift,
 
 
 @triton.jit
-def fwd_kernel(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, shift1,
-                X2, O2, sx2a, sx2t, sx2h, sx2d, so2a, so2t, so2h, so2d, H2, T2, shift2,
-                COS, SIN, scb, sct, sch, POS, spa, spt, OFFS, offset, ROWS, C, S, P,
-                D: tl.constexpr, R2: tl.constexpr, INTERLEAVED: tl.constexpr, GIVENS: tl.constexpr,
-                TABLE: tl.constexpr, POS_MODE: tl.constexpr, PER_HEAD: tl.constexpr, HAS_X2: tl.constexpr,
-                INPLACE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program: rows ``pid0 * BLOCK_T ...`` of batch row ``pid1``, every head of both tensors.
-
-    POS_MODE (table only): 0 rows at ``offset + row``, 1 at ``offset + OFFS[a] + row``, 2 at ``POS[a, row]``.
-    """
+def _rows(POS, spa, spt, OFFS, offset, ROWS, TABLE: tl.constexpr, POS_MODE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's batch row a, its rows (and their mask) and their positions: with TABLE, ``offset + row``
+    (POS_MODE 0), ``offset + OFFS[a] + row`` (1) or ``POS[a, row]`` (2); without, the rows themselves."""
     a = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rmask = rows < ROWS
@@ -128,6 +121,33 @@ def fwd_kernel(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, s
             pos = rows.to(tl.int64) + offset + tl.load(OFFS + a)
         else:
             pos = tl.load(POS + a * spa + rows * spt, mask=rmask, other=0).to(tl.int64)
+    return a, rows, rmask, pos
+
+
+@triton.jit
+def _givens(C, S, P, d, q, dmask):
+    """The Givens coefficients and partners of channels d and of their RoPE partners q."""
+    c_d = tl.load(C + d, mask=dmask, other=1.0)
+    s_d = tl.load(S + d, mask=dmask, other=0.0)
+    p_d = tl.load(P + d, mask=dmask, other=0).to(tl.int32)
+    c_q = tl.load(C + q, mask=dmask, other=1.0)
+    s_q = tl.load(S + q, mask=dmask, other=0.0)
+    p_q = tl.load(P + q, mask=dmask, other=0).to(tl.int32)
+    return c_d, s_d, p_d, c_q, s_q, p_q
+
+
+@triton.jit
+def fwd_kernel(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, shift1,
+                X2, O2, sx2a, sx2t, sx2h, sx2d, so2a, so2t, so2h, so2d, H2, T2, shift2,
+                COS, SIN, scb, sct, sch, POS, spa, spt, OFFS, offset, ROWS, C, S, P,
+                D: tl.constexpr, R2: tl.constexpr, INTERLEAVED: tl.constexpr, GIVENS: tl.constexpr,
+                TABLE: tl.constexpr, POS_MODE: tl.constexpr, PER_HEAD: tl.constexpr, HAS_X2: tl.constexpr,
+                INPLACE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program: rows ``pid0 * BLOCK_T ...`` of batch row ``pid1``, every head of both tensors.
+
+    POS_MODE (table only): 0 rows at ``offset + row``, 1 at ``offset + OFFS[a] + row``, 2 at ``POS[a, row]``.
+    """
+    a, rows, rmask, pos = _rows(POS, spa, spt, OFFS, offset, ROWS, TABLE, POS_MODE, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     i, q, sign, rot = _pair_of(d, R2, INTERLEAVED)
@@ -138,12 +158,7 @@ def fwd_kernel(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, s
     p_d = d
     p_q = d
     if GIVENS:
-        c_d = tl.load(C + d, mask=dmask, other=1.0)
-        s_d = tl.load(S + d, mask=dmask, other=0.0)
-        p_d = tl.load(P + d, mask=dmask, other=0).to(tl.int32)
-        c_q = tl.load(C + q, mask=dmask, other=1.0)
-        s_q = tl.load(S + q, mask=dmask, other=0.0)
-        p_q = tl.load(P + q, mask=dmask, other=0).to(tl.int32)
+        c_d, s_d, p_d, c_q, s_q, p_q = _givens(C, S, P, d, q, dmask)
     h = tl.arange(0, BLOCK_H)
     cos, sin = _trig(COS, SIN, a, rows, rmask, pos, h, i, rot, scb, sct, sch, TABLE, False)
     _fwd_tensor(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, shift1,
@@ -230,17 +245,7 @@ def bwd_kernel(G1, GX1, X1, sg1a, sg1t, sg1h, sg1d, so1a, so1t, so1h, so1d, sx1a
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """The forward's program layout; writes gx, and per program the partial sums of the c/s gradients
     (``PARTIAL[program, 0|1, d]``), and the per-channel cos/sin gradient terms ``GCOS[a, row, 0 | h, d]``."""
-    a = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rmask = rows < ROWS
-    pos = rows
-    if TABLE:
-        if POS_MODE == 0:
-            pos = rows.to(tl.int64) + offset
-        elif POS_MODE == 1:
-            pos = rows.to(tl.int64) + offset + tl.load(OFFS + a)
-        else:
-            pos = tl.load(POS + a * spa + rows * spt, mask=rmask, other=0).to(tl.int64)
+    a, rows, rmask, pos = _rows(POS, spa, spt, OFFS, offset, ROWS, TABLE, POS_MODE, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     i, q, sign, rot = _pair_of(d, R2, INTERLEAVED)
@@ -252,12 +257,7 @@ def bwd_kernel(G1, GX1, X1, sg1a, sg1t, sg1h, sg1d, so1a, so1t, so1h, so1d, sx1a
     p_d = d
     p_q = d
     if GIVENS:
-        c_d = tl.load(C + d, mask=dmask, other=1.0)
-        s_d = tl.load(S + d, mask=dmask, other=0.0)
-        p_d = tl.load(P + d, mask=dmask, other=0).to(tl.int32)
-        c_q = tl.load(C + q, mask=dmask, other=1.0)
-        s_q = tl.load(S + q, mask=dmask, other=0.0)
-        p_q = tl.load(P + q, mask=dmask, other=0).to(tl.int32)
+        c_d, s_d, p_d, c_q, s_q, p_q = _givens(C, S, P, d, q, dmask)
         s_pd = tl.load(S + p_d, mask=dmask, other=0.0)
     ip, qp, sign_p, rot_p = _pair_of(p_d, R2, INTERLEAVED)
     h = tl.arange(0, BLOCK_H)
