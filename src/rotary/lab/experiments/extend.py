@@ -35,11 +35,11 @@ from rotary.lab.experiments.extend_variants import VARIANTS, build_variant
 from rotary.lab.experiments.train import (
     CompareError,
     _atomic_save,
-    _load_checkpoint,
     _masked_loss_sum,
     atomic_json,
     evaluate,
     init_weights,
+    resume,
     warmup_cosine,
 )
 
@@ -146,12 +146,7 @@ def _train(model: Decoder, groups: list[tuple[list[nn.Parameter], float]], task:
     interrupted (after ``interrupt_after`` steps in this call, leaving a checkpoint)."""
     opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups], weight_decay=0.0)
     trained = [p for ps, _ in groups for p in ps]
-    step, elapsed, curve = 0, 0.0, []
-    state = _load_checkpoint(ckpt_path, name, settings, device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed, curve = state["step"], state["elapsed"], [tuple(p) for p in state["curve"]]
+    step, elapsed, curve = resume(ckpt_path, name, settings, device, model, opt)
 
     def save_checkpoint():
         _atomic_save({"run": name, "settings": settings, "model": model.state_dict(), "optimizer": opt.state_dict(),

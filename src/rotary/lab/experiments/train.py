@@ -213,6 +213,18 @@ def _load_checkpoint(path: Path, name: str, settings: dict, device) -> dict | No
     return state
 
 
+def resume(ckpt_path: Path, name: str, settings: dict, device, model: nn.Module,
+           opt: torch.optim.Optimizer) -> tuple[int, float, list]:
+    """Load a run's checkpoint into ``model`` and ``opt`` if there is one; ``(step, elapsed, curve)`` to go on
+    from (zeros for a fresh run). Checks as :func:`_load_checkpoint`."""
+    state = _load_checkpoint(ckpt_path, name, settings, device)
+    if state is None:
+        return 0, 0.0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], state["elapsed"], [tuple(p) for p in state["curve"]]
+
+
 def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *, device, settings=None,
               on_step=None, on_trained=None, interrupt_after: int | None = None) -> RunResult | None:
     """Train one run to ``cfg.steps`` (resuming from its checkpoint if present); None if interrupted.
@@ -231,12 +243,7 @@ def train_run(task: Task, scheme: str, seed: int, cfg: TrainConfig, out: Path, *
     settings = run_settings(cfg) if settings is None else settings
     model = build_model(task, scheme, cfg, torch.Generator().manual_seed(seed)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    step, elapsed, curve = 0, 0.0, []
-    state = _load_checkpoint(ckpt_path, name, settings, device)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, elapsed, curve = state["step"], state["elapsed"], [tuple(p) for p in state["curve"]]
+    step, elapsed, curve = resume(ckpt_path, name, settings, device, model, opt)
     trained = model
     if world > 1:
         # buffers are deterministic (cos/sin tables); rank 0 alone grows them while evaluating longer sequences
