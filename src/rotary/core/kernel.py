@@ -71,10 +71,23 @@ def choose(x: Tensor) -> str:
     return "triton"
 
 
+# ``"ROTARY_KERNEL" in os.environ`` costs about 2 µs (a KeyError inside os.environ); its backing dict answers the
+# same question in 0.1 µs and follows setenv/monkeypatch all the same. Fallback: the public mapping.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("ROTARY_KERNEL") if _ENV_DATA is not None and hasattr(os.environ, "encodekey") \
+    else None
+
+
+def _switch_set() -> bool:
+    if _ENV_KEY is not None:
+        return _ENV_KEY in _ENV_DATA
+    return "ROTARY_KERNEL" in os.environ
+
+
 def wants_triton(x: Tensor) -> bool:
     """:func:`choose` is ``"triton"``, with the common CPU case (no ``ROTARY_KERNEL`` set) answered in one lookup:
     the no-grad decode path costs microseconds, and this runs before it."""
-    if x.is_cpu and "ROTARY_KERNEL" not in os.environ:  # is_cpu: no torch.device object built per call
+    if x.is_cpu and not _switch_set():  # is_cpu: no torch.device object built per call
         return False
     return choose(x) == "triton"
 
