@@ -114,7 +114,7 @@ def test_low_precision_one_rounding(dtype):
     cos, sin = table(T, 8)
     g = givens_module(8, True)
     xin = x.clone().requires_grad_()
-    y = kernel.rope(xin, cos, sin, givens=g.coefficients())
+    y = kernel.rope(xin, cos, sin, givens=g.coefficients(), layout="BTHD")
     assert y.dtype == dtype
     angles = g.angles.detach().double().cpu()
     ref = reference(x, cos[None], sin[None], True, g, angles)
@@ -127,7 +127,7 @@ def test_low_precision_one_rounding(dtype):
     reference(xd, cos[None], sin[None], True).backward(grad.double(), inputs=[xd])
     gref = torch.einsum("ed,bthe->bthd", P, xd.grad)
     assert ((xin.grad.double() - gref).abs() <= ulp(gref, dtype) / 2 + 1e-6).all()
-    assert torch.equal(kernel.rope(x, cos, sin, interleaved=True)[..., 8:], x[..., 8:])
+    assert torch.equal(kernel.rope(x, cos, sin, interleaved=True, layout="BTHD")[..., 8:], x[..., 8:])
 
 
 @pytest.mark.parametrize("where", ["int", "offsets", "positions", "positions (T,)"])
@@ -172,7 +172,7 @@ def test_cos_sin_gradients(shape, mix):
     cos, sin = angles_t.cos().requires_grad_(), angles_t.sin().requires_grad_()
     g = givens_module(r, True) if mix else None
     kw = {"positions": torch.tensor([3, 0, 11, 5, 5, 2, 7], device=DEVICE)} if shape == "table" else {}
-    y = kernel.rope(x, cos, sin, givens=None if g is None else g.coefficients(), **kw)
+    y = kernel.rope(x, cos, sin, givens=None if g is None else g.coefficients(), layout="BTHD", **kw)
     cd, sd = cos.detach().double().requires_grad_(), sin.detach().double().requires_grad_()
     ct, st = (cd[kw["positions"]][None], sd[kw["positions"]][None]) if shape == "table" else (cd, sd)
     angles = None if g is None else g.angles.detach().double().cpu().requires_grad_()
@@ -215,19 +215,20 @@ def test_inplace_matches_out_of_place_and_backpropagates():
     g = givens_module(6, True)
     with torch.no_grad():
         c = g.coefficients()
-        expected = kernel.rope(x, cos, sin, givens=c)
+        expected = kernel.rope(x, cos, sin, givens=c, layout="BTHD")
         buf = x.clone()
-        out = kernel.rope(buf, cos, sin, givens=c, inplace=True)
+        out = kernel.rope(buf, cos, sin, givens=c, inplace=True, layout="BTHD")
     assert out.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(buf, expected, atol=0, rtol=0)
     leaf = x.clone().requires_grad_()
-    y = kernel.rope(leaf * 1, cos, sin, givens=c, inplace=True)  # in place on a non-leaf
+    y = kernel.rope(leaf * 1, cos, sin, givens=c, inplace=True, layout="BTHD")  # in place on a non-leaf
     y.backward(torch.ones_like(y))
     xd = x.double().requires_grad_()
     reference(xd, cos[None], sin[None], True, g, g.angles.detach().double().cpu()).sum().backward()
     close(leaf.grad, xd.grad)
     with pytest.raises(ValueError, match="inplace"):
-        kernel.rope(x.clone(), cos, sin, givens=g.coefficients(), inplace=True)  # the angles' gradient needs x
+        # the angles' gradient needs x
+        kernel.rope(x.clone(), cos, sin, givens=g.coefficients(), inplace=True, layout="BTHD")
 
 
 @pytest.mark.parametrize("packed", ["(B, T, 3, H, D)", "(B, T, Hq + 2 Hk, D)"])
@@ -262,11 +263,11 @@ def test_bad_input_raises_the_same_before_any_launch(mode, monkeypatch):
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
-            kernel.rope(x, COS, SIN, **kw)
+            kernel.rope(x, COS, SIN, **{"layout": "BTHD", **kw})
     with pytest.raises(ValueError, match="one shape"):
-        kernel.rope(x, COS, SIN[:, :4])
+        kernel.rope(x, COS, SIN[:, :4], layout="BTHD")
     with pytest.raises(ValueError, match="r/2 <= head_dim/2"):
-        kernel.rope(x, torch.ones(16, 6, device=DEVICE), torch.ones(16, 6, device=DEVICE))
+        kernel.rope(x, torch.ones(16, 6, device=DEVICE), torch.ones(16, 6, device=DEVICE), layout="BTHD")
 
 
 def test_choose(monkeypatch):
@@ -285,7 +286,7 @@ def test_choose(monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 def test_table_on_another_device_is_moved():
     x = torch.randn(B, T, H, D, device="cuda")
-    y = kernel.rope(x, COS.cpu(), SIN.cpu(), offset=2)
+    y = kernel.rope(x, COS.cpu(), SIN.cpu(), offset=2, layout="BTHD")
     close(y, reference(x, COS[2 : 2 + T][None], SIN[2 : 2 + T][None], True))
 
 
@@ -410,12 +411,12 @@ def test_empty_inputs_launch_nothing():
     g = givens_module(D, True)
     for shape in [(0, T, H, D), (B, 0, H, D)]:
         x = torch.randn(shape, device=DEVICE, requires_grad=True)
-        y = kernel.rope(x, COS, SIN, givens=g.coefficients())
+        y = kernel.rope(x, COS, SIN, givens=g.coefficients(), layout="BTHD")
         y.sum().backward()
         assert y.shape == shape and x.grad.shape == shape
     q = torch.randn(B, 0, H, D, device=DEVICE, requires_grad=True)  # no queries, keys from a cache
     k = torch.randn(B, 4, 1, D, device=DEVICE, requires_grad=True)
-    yq, yk = kernel.rope(q, COS, SIN, k=k, offset=4, givens=g.coefficients())
+    yq, yk = kernel.rope(q, COS, SIN, k=k, offset=4, givens=g.coefficients(), layout="BTHD")
     (yq.sum() + yk.square().sum()).backward()
     close(yk, reference(k, COS[:4][None], SIN[:4][None], True, g, g.angles.detach().double().cpu()))
     assert yq.shape == q.shape and k.grad.shape == k.shape and g.angles.grad is not None

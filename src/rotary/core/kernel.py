@@ -188,12 +188,13 @@ def _givens(givens, D: int, device):
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, *, k: Tensor | None = None, interleaved: bool = True,
-         layout: str = "BTHD", offset: int | Tensor = 0, positions: Tensor | None = None,
+         layout: str = "BHTD", offset: int | Tensor = 0, positions: Tensor | None = None,
          cu_seqlens: Tensor | None = None, givens=None, inplace: bool = False):
     """``R(m) G x`` (and ``R(m) G k``): RoPE after optional Givens mixing, through the kernel :func:`choose` picks.
 
     Args:
-        x: ``(B, T, H, D)`` (``layout="BTHD"``) or ``(B, H, T, D)`` (``"BHTD"``), any strides; with
+        x: ``(B, H, T, D)`` (``layout="BHTD"``, the default, as :class:`rotary.Rotary`) or ``(B, T, H, D)``
+            (``"BTHD"``, flash-attn's), any strides; with
             ``cu_seqlens``: ``(total, H, D)``. float32/bf16/fp16 on the Triton kernel.
         cos, sin: a table ``(rows, r/2)``, token t at row ``offset + t`` (offset int or ``(B,)`` int tensor) or
             ``positions[..., t]`` (``(T,)`` or ``(B, T)`` int); or per token ``(B|1, T, r/2)`` /
@@ -312,7 +313,7 @@ def _varlen(x, cos, sin, k, interleaved, offset, positions, cu_seqlens, givens, 
         raise ValueError("with cu_seqlens, cos/sin must be a table (rows, r/2) and positions come from cu_seqlens")
     pos = varlen_positions(cu_seqlens.to(x.device), x.shape[0], offset)
     out = rope(x.unsqueeze(0), cos, sin, k=None if k is None else k.unsqueeze(0), interleaved=interleaved,
-               positions=pos, givens=givens, inplace=inplace)
+               layout="BTHD", positions=pos, givens=givens, inplace=inplace)
     return out.squeeze(0) if k is None else (out[0].squeeze(0), out[1].squeeze(0))
 
 
@@ -335,8 +336,8 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads_q: int | None = Non
             raise ValueError(f"a (batch, seq, heads_q + 2 heads_k, head_dim) qkv needs heads_q with heads_k dividing "
                              f"it, got heads_q={heads_q!r} for {qkv.shape[2]} heads")
         q, k, v = qkv.split([heads_q, Hk, Hk], dim=2)
-    yq, yk = rope(q, cos, sin, k=k, interleaved=interleaved, offset=offset, positions=positions, givens=givens,
-                  inplace=inplace)
+    yq, yk = rope(q, cos, sin, k=k, interleaved=interleaved, layout="BTHD", offset=offset, positions=positions,
+                  givens=givens, inplace=inplace)
     if inplace:
         return qkv
     return torch.stack((yq, yk, v), dim=2) if qkv.dim() == 5 else torch.cat((yq, yk, v), dim=2)

@@ -125,14 +125,22 @@ def _rows(POS, spa, spt, OFFS, offset, ROWS, TABLE: tl.constexpr, POS_MODE: tl.c
 
 
 @triton.jit
-def _givens(C, S, P, d, q, dmask):
-    """The Givens coefficients and partners of channels d and of their RoPE partners q."""
-    c_d = tl.load(C + d, mask=dmask, other=1.0)
-    s_d = tl.load(S + d, mask=dmask, other=0.0)
-    p_d = tl.load(P + d, mask=dmask, other=0).to(tl.int32)
-    c_q = tl.load(C + q, mask=dmask, other=1.0)
-    s_q = tl.load(S + q, mask=dmask, other=0.0)
-    p_q = tl.load(P + q, mask=dmask, other=0).to(tl.int32)
+def _givens(C, S, P, d, q, dmask, GIVENS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The Givens coefficients and partners of channels d and of their RoPE partners q (the identity, each
+    channel its own partner, without GIVENS)."""
+    c_d = tl.full([BLOCK_D], 1.0, tl.float32)
+    s_d = tl.zeros([BLOCK_D], dtype=tl.float32)
+    c_q = c_d
+    s_q = s_d
+    p_d = d
+    p_q = d
+    if GIVENS:
+        c_d = tl.load(C + d, mask=dmask, other=1.0)
+        s_d = tl.load(S + d, mask=dmask, other=0.0)
+        p_d = tl.load(P + d, mask=dmask, other=0).to(tl.int32)
+        c_q = tl.load(C + q, mask=dmask, other=1.0)
+        s_q = tl.load(S + q, mask=dmask, other=0.0)
+        p_q = tl.load(P + q, mask=dmask, other=0).to(tl.int32)
     return c_d, s_d, p_d, c_q, s_q, p_q
 
 
@@ -151,14 +159,7 @@ def fwd_kernel(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, s
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     i, q, sign, rot = _pair_of(d, R2, INTERLEAVED)
-    c_d = tl.full([BLOCK_D], 1.0, tl.float32)
-    s_d = tl.zeros([BLOCK_D], dtype=tl.float32)
-    c_q = c_d
-    s_q = s_d
-    p_d = d
-    p_q = d
-    if GIVENS:
-        c_d, s_d, p_d, c_q, s_q, p_q = _givens(C, S, P, d, q, dmask)
+    c_d, s_d, p_d, c_q, s_q, p_q = _givens(C, S, P, d, q, dmask, GIVENS, BLOCK_D)
     h = tl.arange(0, BLOCK_H)
     cos, sin = _trig(COS, SIN, a, rows, rmask, pos, h, i, rot, scb, sct, sch, TABLE, False)
     _fwd_tensor(X1, O1, sx1a, sx1t, sx1h, sx1d, so1a, so1t, so1h, so1d, H1, T1, shift1,
@@ -249,15 +250,9 @@ def bwd_kernel(G1, GX1, X1, sg1a, sg1t, sg1h, sg1d, so1a, so1t, so1h, so1d, sx1a
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     i, q, sign, rot = _pair_of(d, R2, INTERLEAVED)
-    c_d = tl.full([BLOCK_D], 1.0, tl.float32)
-    s_d = tl.zeros([BLOCK_D], dtype=tl.float32)
-    c_q = c_d
-    s_q = s_d
+    c_d, s_d, p_d, c_q, s_q, p_q = _givens(C, S, P, d, q, dmask, GIVENS, BLOCK_D)
     s_pd = s_d
-    p_d = d
-    p_q = d
     if GIVENS:
-        c_d, s_d, p_d, c_q, s_q, p_q = _givens(C, S, P, d, q, dmask)
         s_pd = tl.load(S + p_d, mask=dmask, other=0.0)
     ip, qp, sign_p, rot_p = _pair_of(p_d, R2, INTERLEAVED)
     h = tl.arange(0, BLOCK_H)
