@@ -91,11 +91,16 @@ class Install(nn.Module):
     ``host`` names the integration (``"whisper"``, ``"hf.causal"``, ``"hf.whisper"``); ``config`` is an object whose
     ``rotary`` attribute mirrors ``options.to_dict()`` while installed (Hugging Face's ``model.config``), or None;
     ``fold_warning`` is logged when a fold leaves a Rotary behind that a stock checkpoint cannot express.
+    ``fold_angles``, for an install that changed the host's angles: called by :meth:`prepare_fold` before anything
+    changes, it checks that the angles can be written as the host's stock configuration (raising ``ValueError``
+    naming why not) and returns the action that writes it; after that action the whole install is removed.
     """
 
-    def __init__(self, host: str, options: InstallOptions, *, config=None, fold_warning: str | None = None):
+    def __init__(self, host: str, options: InstallOptions, *, config=None, fold_warning: str | None = None,
+                 fold_angles: Callable[[], Callable[[], None]] | None = None):
         super().__init__()
         self.host, self.options, self.config, self.fold_warning = host, options, config, fold_warning
+        self.fold_angles = fold_angles
         self.rotaries: list[Placed] = []  # plain lists: nothing here is a submodule of the record
         self.changes: list = []
         self.home: list = []  # [parent, name] where the record is registered
@@ -182,7 +187,8 @@ class Install(nn.Module):
         an install with nothing left is removed entirely (the model is stock again).
         """
         placed = [p for p in self.rotaries if p.rotary.mixer is not None]
-        if not placed:
+        stock_angles = self.fold_angles() if self.fold_angles is not None else None  # raises before any change
+        if not placed and stock_angles is None:
             return None
         check_placement(self.options.placement)
         for p in placed:
@@ -208,6 +214,10 @@ class Install(nn.Module):
                     _unregister(p.parent, p.name, p.rotary)
                     self.rotaries.remove(p)
             self.options = self.options.without_mixing()
+            if stock_angles is not None:
+                stock_angles()  # the host's config now describes the angles: nothing of the install is left
+                self.remove()
+                return
             if not self.rotaries:
                 self.remove()
                 return
