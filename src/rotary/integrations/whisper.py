@@ -182,7 +182,7 @@ def install(model: nn.Module, *, placement: str = "attention", learned_positions
     record = Install(HOST, options)
     try:
         attentions = [block.attn for block in decoder.blocks] if placement == "attention" else []
-        record.add_rotary(rot, decoder, projections=[p for a in attentions for p in (a.query, a.key)])
+        record.add_rotary(rot, decoder, folds_into=[(a, n) for a in attentions for n in ("query", "key")])
         record.attach(decoder)
         record.replace_forward(decoder, _TextDecoderForward(decoder, placement, options.learned_positions))
         for attn in attentions:

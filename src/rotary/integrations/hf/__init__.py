@@ -40,8 +40,14 @@ def install(model: nn.Module, **options) -> nn.Module:
 
     Causal LMs: see :func:`rotary.hf.causal.install` (``mixing=``, ``per_layer=``, ``learned_freq=``,
     ``scaling=``). Whisper: see :mod:`rotary.hf.whisper`. The options are recorded in ``model.config``, so that
-    ``model.save_pretrained`` checkpoints (Trainer's included) reload with :func:`from_pretrained`.
+    ``model.save_pretrained`` checkpoints (Trainer's included) reload with :func:`from_pretrained`. A PEFT model
+    (``get_peft_model(...)``): see :mod:`rotary.hf.peft`; P then trains and is saved with the adapter.
     """
+    from .peft import install as install_peft
+    from .peft import is_peft_model
+
+    if is_peft_model(model):
+        return install_peft(model, **options)
     return _integration(model).install(model, **options)
 
 

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ...core.module import Rotary
 from ...core.options import RotaryOptions
-from ..install import MIX_ON, Install, InstallOptions, find, flag, plain_linear
+from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, describe, find, flag
 from ._common import forget, recorded, require_transformers
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
@@ -77,11 +77,17 @@ class _RotaryEmbeddingForward:
 
 # --------------------------------------------------------------------------------------------- inspection
 class _Attention:
-    """What :func:`_inspect` found in one attention module: it, its q/k projections, whether q/k norms follow."""
+    """What :func:`_inspect` found in one attention module: it, where P acts on its projections (``(name, rows)``:
+    ``q_proj`` and ``k_proj``, or the query and key rows of a fused ``qkv_proj``), whether q/k norms follow."""
 
-    def __init__(self, index: int, module: nn.Module, norms: bool):
-        self.index, self.module, self.norms = index, module, norms
-        self.projections = [module.q_proj, module.k_proj]
+    def __init__(self, index: int, module: nn.Module, targets: list[tuple[str, slice | None]], norms: bool):
+        self.index, self.module, self.targets, self.norms = index, module, targets, norms
+
+
+def _outputs(module) -> int | None:
+    """A projection's output width: an nn.Linear's, or that of what an adapter or quantisation wraps."""
+    width = getattr(module, "out_features", None)
+    return width if isinstance(module, nn.Module) and isinstance(width, int) else None
 
 
 def _inspect(model: nn.Module):
@@ -109,12 +115,16 @@ def _inspect(model: nn.Module):
         where = f"{kind}, layer {i}"
         if not isinstance(attn, nn.Module):
             raise TypeError(f"{where}: no self_attn module (found {sorted(layer._modules)})")
-        q, k = getattr(attn, "q_proj", None), getattr(attn, "k_proj", None)
-        if not (plain_linear(q) and plain_linear(k)):
+        q, k, qkv = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "qkv_proj"))
+        found = {n: describe(m) for n, m in attn._modules.items()}
+        if _outputs(q) is not None and _outputs(k) is not None:
+            widths, fused = (_outputs(q), _outputs(k)), False
+        elif q is None and k is None and _outputs(qkv) is not None:  # Phi-3: queries, keys, values in one
+            widths, fused = (_outputs(qkv),), True
+        else:
             raise TypeError(
-                f"{where}: {type(attn).__name__} has no separate q_proj/k_proj nn.Linear (found "
-                f"{ {n: type(m).__name__ for n, m in attn._modules.items()} }): rotary puts P on the query and key "
-                f"projections"
+                f"{where}: {type(attn).__name__} has neither q_proj/k_proj projections nor a fused qkv_proj (found "
+                f"{found}): rotary puts P on the query and key projections"
             )
         if "position_embeddings" not in inspect.signature(attn.forward).parameters:
             raise TypeError(
@@ -125,11 +135,17 @@ def _inspect(model: nn.Module):
         if not isinstance(d, int) or head_dim not in (None, d):
             raise TypeError(f"{where}: head_dim {d!r}, expected an int equal in every layer ({head_dim})")
         head_dim = d
-        if q.out_features != heads * d or k.out_features != kv_heads * d:
+        if fused:
+            if widths[0] != (heads + 2 * kv_heads) * d:
+                raise TypeError(f"{where}: qkv_proj has {widths[0]} outputs, expected ({heads} + 2 x {kv_heads}) x {d}")
+            targets = [("qkv_proj", slice(0, (heads + kv_heads) * d))]  # the query rows, then the key rows
+        elif widths != (heads * d, kv_heads * d):
             raise TypeError(
-                f"{where}: q_proj/k_proj have {q.out_features}/{k.out_features} outputs, expected "
+                f"{where}: q_proj/k_proj have {widths[0]}/{widths[1]} outputs, expected "
                 f"{heads} x {d} / {kv_heads} x {d} (num_attention_heads/num_key_value_heads x head_dim)"
             )
+        else:
+            targets = [("q_proj", None), ("k_proj", None)]
         norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
         if (norms[0] is None) != (norms[1] is None):
             raise TypeError(f"{where}: {type(attn).__name__} has only one of q_norm/k_norm")
@@ -141,7 +157,7 @@ def _inspect(model: nn.Module):
                         f"{where}: {type(norm).__name__} between the projections and RoPE is not a per-head norm "
                         f"with a weight of a multiple of head_dim={d} entries (weight {getattr(weight, 'shape', None)})"
                     )
-        attentions.append(_Attention(i, attn, norms[0] is not None))
+        attentions.append(_Attention(i, attn, targets, norms[0] is not None))
     return base, rotary_emb, attentions, heads, head_dim
 
 
@@ -157,7 +173,7 @@ def _rope_parameters(config) -> tuple[dict, float | None]:
 
 # --------------------------------------------------------------------------------------------- options
 def install_options(model: nn.Module, *, mixing: str | None = "givens", per_layer: bool = False,
-                    mix_on: str = "weights", **rotary_options) -> InstallOptions:
+                    mix_on: str = "weights", mix_norm: str = "before", **rotary_options) -> InstallOptions:
     """The :class:`InstallOptions` that :func:`install` builds for ``model`` from its keyword arguments (the
     model's geometry: heads, head_dim, base, rotary dim, half layout); raises ValueError or TypeError, naming the
     value, for bad ones. Nothing is changed."""
@@ -165,14 +181,16 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     if unknown:
         taken = [n for n in unknown if n in _TAKEN_FROM_MODEL]
         raise TypeError(
-            f"unexpected install options {unknown}: rotary.hf takes mixing, per_layer, mix_on, learned_freq and "
-            f"scaling" + (f"; {taken} come from the model's config" if taken else "")
+            f"unexpected install options {unknown}: rotary.hf takes mixing, per_layer, mix_on, mix_norm, "
+            f"learned_freq and scaling" + (f"; {taken} come from the model's config" if taken else "")
         )
     learned_freq, scaling = rotary_options.get("learned_freq", False), rotary_options.get("scaling")
     flag("learned_freq", learned_freq)
     flag("per_layer", per_layer)
     if mix_on not in MIX_ON:
         raise ValueError(f"mix_on must be one of {MIX_ON}, got {mix_on!r}")
+    if mix_norm not in MIX_NORM:
+        raise ValueError(f"mix_norm must be one of {MIX_NORM}, got {mix_norm!r}")
     if scaling is not None and not isinstance(scaling, dict):
         raise ValueError(f"scaling must be a rope_parameters dict or None, got {scaling!r}")
     angles = learned_freq or scaling is not None
@@ -197,7 +215,7 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
             raise ValueError(f"scaling gives rotary_dim {options.rotary_dim}, the model rotates {rotary_dim} channels")
     else:
         options = RotaryOptions(heads * head_dim, heads, mixing=mixing, **geometry)
-    return InstallOptions(options, per_layer=per_layer, mix_on=mix_on)
+    return InstallOptions(options, per_layer=per_layer, mix_on=mix_on, mix_norm=mix_norm)
 
 
 def _changes_angles(options: RotaryOptions) -> bool:
@@ -262,7 +280,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     r = options.rotary
     angles = _changes_angles(r)
     # Build everything first: nothing below fails on options, and the model is untouched until the record acts.
-    device = attentions[0].module.q_proj.weight.device
+    device = next(attentions[0].module.parameters()).device
     angle_rotary = None
     if angles:
         angle_rotary = Rotary.from_options(dataclasses.replace(r, mixing=None) if options.per_layer else r).to(device)
@@ -280,26 +298,23 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         placed = []  # (placed rotary, its attentions)
         if options.per_layer:
             for a in attentions:
-                placed.append((record.add_rotary(p_rotary(), a.module, projections=a.projections,
-                                                 keep_after_fold=False), [a]))
+                placed.append((record.add_rotary(p_rotary(), a.module, keep_after_fold=False), [a]))
             if angle_rotary is not None:
                 record.add_rotary(angle_rotary, base)
         else:
             shared = angle_rotary if angle_rotary is not None else p_rotary()
-            projections = [p for a in attentions for p in a.projections]
-            placed.append((record.add_rotary(shared, base, projections=projections, keep_after_fold=angles),
-                           attentions))
+            placed.append((record.add_rotary(shared, base, keep_after_fold=angles), attentions))
         record.attach(base)
         for p, owned in placed:
             if p.rotary.mixer is None:
                 continue
             for a in owned:
-                if a.norms:
+                if a.norms and options.mix_norm == "after":
                     for name in ("q_norm", "k_norm"):
                         record.mix_after(p, f"attention {a.index}'s {name}", getattr(a.module, name))
-                else:
-                    for projection in a.projections:
-                        record.mix_projection(p, projection)
+                else:  # before a q/k norm, P folds into the projections whatever the norm's weight
+                    for name, rows in a.targets:
+                        record.mix_projection(p, a.module, name, rows)
         if angle_rotary is not None:
             record.replace_forward(rotary_emb, _RotaryEmbeddingForward(angle_rotary))
     except BaseException:

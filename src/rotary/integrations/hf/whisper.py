@@ -285,7 +285,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     attentions = [layer.self_attn for layer in decoder.layers] if placement == "attention" else []
     record = Install(HOST, options, config=config)
     try:
-        record.add_rotary(rot, decoder, projections=[p for a in attentions for p in (a.q_proj, a.k_proj)])
+        record.add_rotary(rot, decoder, folds_into=[(a, n) for a in attentions for n in ("q_proj", "k_proj")])
         record.attach(decoder)
         for attn in attentions:
             record.replace_forward(attn, _SelfAttentionForward(

@@ -5,15 +5,18 @@
 - :mod:`.record`: :class:`Install`, the record of what was installed where (the Rotaries, their q/k projections,
   the handles of every hook and replaced forward), implementing the fold protocol once; removal undoes it.
 - :mod:`.mix`: how P is applied (on the projection weights or on activations) and the fold of one Rotary.
+- :mod:`.adapters`: what an install must know of adapter wrappers (PEFT), without importing them.
 
 A host file keeps only what is host-specific: its inspection of the model and its copied forward bodies.
 """
 
+from .adapters import active, describe, is_adapter_layer, is_training_wrapper
 from .mix import MixedOutput, MixedWeights, commutes_with_rotations, plain_linear, prepare_fold_into
-from .options import FORMAT, MIX_ON, PLACEMENTS, InstallOptions, flag, is_record
-from .record import RECORD_NAME, Install, Placed, find
+from .options import FORMAT, MIX_NORM, MIX_ON, PLACEMENTS, InstallOptions, flag, is_record
+from .record import RECORD_NAME, Install, Placed, Target, find
 
 __all__ = [
-    "FORMAT", "MIX_ON", "PLACEMENTS", "RECORD_NAME", "Install", "InstallOptions", "MixedOutput", "MixedWeights",
-    "Placed", "commutes_with_rotations", "find", "flag", "is_record", "plain_linear", "prepare_fold_into",
+    "FORMAT", "MIX_NORM", "MIX_ON", "PLACEMENTS", "RECORD_NAME", "Install", "InstallOptions", "MixedOutput",
+    "MixedWeights", "Placed", "Target", "active", "commutes_with_rotations", "describe", "find", "flag",
+    "is_adapter_layer", "is_record", "is_training_wrapper", "plain_linear", "prepare_fold_into",
 ]

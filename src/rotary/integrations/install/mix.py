@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,7 +22,7 @@ from ...core.fold import check_placement, fold_mixing, mix_rows
 from ...core.functional import compute_dtype
 from ...core.module import Rotary
 
-__all__ = ["MixedOutput", "MixedWeights", "commutes_with_rotations", "plain_linear", "prepare_fold_into"]
+__all__ = ["MixedOutput", "MixedWeights", "commutes_with_rotations", "fold_rows", "plain_linear", "prepare_fold_into"]
 
 
 def plain_linear(module) -> bool:
@@ -29,40 +30,67 @@ def plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+def _mix_some_rows(tensor: Tensor, P: Tensor, rows: slice | None) -> Tensor:
+    """Per head, P times ``tensor``'s rows (``(N, C)`` weight or ``(N,)`` bias) in ``rows`` (None: all), in P's
+    dtype; the other rows (a fused projection's values) are left as they are."""
+    if rows is None:
+        return mix_rows(tensor, P)
+    part = mix_rows(tensor[rows], P)
+    return torch.cat((tensor[: rows.start].to(P.dtype), part, tensor[rows.stop:].to(P.dtype)))
+
+
 class MixedWeights:
-    """A q/k projection's replaced ``forward``: ``F.linear(x, P W, P b)``, P per head on the weight rows and bias.
+    """A q/k projection's replaced ``forward``: ``F.linear(x, P W, P b)``, P per head on the weight rows and bias
+    (on ``rows`` of them only, for a fused qkv projection).
 
     P costs O(H * D^2 * C) per call on the weights; it is built from the Rotary's parameters at every call (never
-    cached: it is trained), in float32 at least, and rounded once to the weight's dtype. Parameter names,
-    state_dict and hooks stay the projection's own.
+    cached: it is trained), in float32 at least, and rounded once to the weight's dtype. ``rotary`` is a callable
+    returning the Rotary in use (a PEFT adapter's copy, when PEFT trains it). Parameter names, state_dict and hooks
+    stay the projection's own.
     """
 
-    def __init__(self, linear: nn.Linear, rotary: Rotary):
-        self.linear, self.rotary = linear, rotary  # plain references: both are registered elsewhere
+    def __init__(self, linear: nn.Linear, rotary: Callable[[], Rotary], rows: slice | None = None):
+        self.linear, self.rotary, self.rows = linear, rotary, rows  # plain references: registered elsewhere
 
     def __call__(self, x: Tensor) -> Tensor:
         weight, bias = self.linear.weight, self.linear.bias
         # on the weight's device: the layers of one model may sit on several
-        P = self.rotary.mixing_matrix(compute_dtype(weight.dtype)).to(weight.device)  # (D, D)
-        weight = mix_rows(weight, P).to(weight.dtype)  # (H * D, C)
+        P = self.rotary().mixing_matrix(compute_dtype(weight.dtype)).to(weight.device)  # (D, D)
+        weight = _mix_some_rows(weight, P, self.rows).to(weight.dtype)  # (N, C)
         if bias is not None:
-            bias = mix_rows(bias, P).to(bias.dtype)
+            bias = _mix_some_rows(bias, P, self.rows).to(bias.dtype)
         return F.linear(x, weight, bias)
 
 
 class MixedOutput:
-    """Forward hook: the module's output ``(..., H * D)`` or ``(..., H, D)`` times P per head.
+    """Forward hook: the module's output ``(..., H * D)`` times P per head (its channels in ``rows`` only, for a
+    fused qkv projection).
 
-    P costs O(tokens * H * D^2) per call; the module itself is untouched, whatever it is.
+    P costs O(tokens * H * D^2) per call; the module itself is untouched, whatever it is (an adapter-wrapped or
+    quantised projection, a per-head norm). ``rotary``: a callable returning the Rotary in use.
     """
 
-    def __init__(self, rotary: Rotary):
-        self.rotary = rotary
+    def __init__(self, rotary: Callable[[], Rotary], rows: slice | None = None):
+        self.rotary, self.rows = rotary, rows
 
     def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
-        P = self.rotary.mixing_matrix(compute_dtype(output.dtype)).to(output.device)  # (D, D)
-        heads = output.unflatten(-1, (-1, P.shape[0]))  # (..., H, D)
-        return (heads.to(P.dtype) @ P.T).to(output.dtype).reshape(output.shape)
+        P = self.rotary().mixing_matrix(compute_dtype(output.dtype)).to(output.device)  # (D, D)
+        part = output if self.rows is None else output[..., self.rows]
+        mixed = (part.unflatten(-1, (-1, P.shape[0])).to(P.dtype) @ P.T).to(output.dtype).flatten(-2)  # per head
+        if self.rows is None:
+            return mixed
+        return torch.cat((output[..., : self.rows.start], mixed, output[..., self.rows.stop:]), dim=-1)
+
+
+def fold_rows(P: Tensor, linears, rows: slice | None = None) -> None:
+    """P (float64 ``(D, D)``) into the output ``rows`` (None: all) of each ``nn.Linear``'s weight and bias, in
+    place, rounded once to their dtype."""
+    with torch.no_grad():
+        for linear in linears:
+            Pd = P.to(linear.weight.device)
+            linear.weight.copy_(_mix_some_rows(linear.weight, Pd, rows))
+            if linear.bias is not None:
+                linear.bias.copy_(_mix_some_rows(linear.bias, Pd, rows))
 
 
 def commutes_with_rotations(norm: nn.Module, head_dim: int) -> str | None:

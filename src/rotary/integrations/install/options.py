@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 from ...core.options import RotaryOptions
 
-__all__ = ["FORMAT", "MIX_ON", "PLACEMENTS", "InstallOptions", "flag"]
+__all__ = ["FORMAT", "MIX_NORM", "MIX_ON", "PLACEMENTS", "InstallOptions", "flag"]
 
 PLACEMENTS = ("attention", "embedding")
 MIX_ON = ("weights", "activations")
+MIX_NORM = ("before", "after")
 FORMAT = "rotary.install/1"  # the format tag of InstallOptions.to_dict (config.rotary, extra state)
 
 
@@ -43,6 +44,10 @@ class InstallOptions:
             ``"activations"`` (P multiplies the projections' outputs, or the Rotary applies ``R(m) P x`` itself
             where the host calls it on q and k, as both Whisper installs do). The same function and tensors
             either way: a state_dict of one loads into the other.
+        mix_norm: where a per-head q/k norm sits between the projections and RoPE (Qwen3, OLMo 2): P acts
+            ``"before"`` it (on the projections: ``R(m) norm(P q)``; folds into them whatever the norm's weight) or
+            ``"after"`` it (``R(m) P norm(q)``; folds only while the norm's weight is uniform within each head).
+            Records written before this field existed meant ``"after"``.
 
     Each host accepts the fields that apply to it and refuses the others.
     """
@@ -52,6 +57,7 @@ class InstallOptions:
     learned_positions: bool = False
     per_layer: bool = False
     mix_on: str = "weights"
+    mix_norm: str = "before"
 
     def __post_init__(self):
         if not isinstance(self.rotary, RotaryOptions):
@@ -62,6 +68,8 @@ class InstallOptions:
         flag("per_layer", self.per_layer)
         if self.mix_on not in MIX_ON:
             raise ValueError(f"mix_on must be one of {MIX_ON}, got {self.mix_on!r}")
+        if self.mix_norm not in MIX_NORM:
+            raise ValueError(f"mix_norm must be one of {MIX_NORM}, got {self.mix_norm!r}")
         if self.placement == "embedding" and self.mix_on != "activations":
             raise ValueError("the embedding placement applies P to the embedded tokens: mix_on must be 'activations'")
         if self.per_layer and self.rotary.mixing is None:
@@ -84,6 +92,7 @@ class InstallOptions:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown install options {unknown}; expected some of {sorted(names)}")
+        data.setdefault("mix_norm", "after")  # what records written before the field existed did
         return cls(**{**data, "rotary": RotaryOptions.from_dict(data.get("rotary"))})
 
     def without_mixing(self) -> InstallOptions:

@@ -30,10 +30,11 @@ from torch import Tensor, nn
 
 from ...core.fold import check_placement
 from ...core.module import Rotary
-from .mix import MixedOutput, MixedWeights, commutes_with_rotations, plain_linear, prepare_fold_into
+from .adapters import active, describe, fold_linears, is_adapter_layer, is_training_wrapper
+from .mix import MixedOutput, MixedWeights, commutes_with_rotations, fold_rows, plain_linear
 from .options import InstallOptions
 
-__all__ = ["RECORD_NAME", "Install", "Placed", "find"]
+__all__ = ["RECORD_NAME", "Install", "Placed", "Target", "find"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +70,47 @@ class _Hook:
 
 
 @dataclass(eq=False)
+class Target:
+    """Where a P acts: the projection at ``owner.<name>`` (looked up at every use: an adapter library may wrap or
+    unwrap it), its output channels ``rows`` (None: all; a fused qkv projection: the query and key ones), and the
+    module P is applied to now with the change that applies it."""
+
+    owner: nn.Module
+    name: str
+    rows: slice | None = None
+    module: nn.Module | None = None
+    change: object = None
+
+    def current(self) -> nn.Module:
+        return getattr(self.owner, self.name)
+
+    def where(self) -> str:
+        return f"{type(self.owner).__name__}.{self.name}"
+
+
+@dataclass(eq=False)
 class Placed:
     """One Rotary of an install: where it is registered (``parent.<name>``), the q/k projections its P acts on and
-    folds into, the modules P acts after (per-head norms, checked at fold), whether it stays once its P is folded
-    (it also computes angles) or goes (it held only P), and the changes that apply its P (undone by a fold)."""
+    folds into (:class:`Target`), the modules P acts after (per-head norms, checked at fold), whether it stays once
+    its P is folded (it also computes angles) or goes (it held only P), and the changes that apply its P after
+    norms (undone by a fold)."""
 
     rotary: Rotary
     parent: nn.Module
     name: str
-    projections: list[nn.Module]
+    targets: list[Target]
     keep_after_fold: bool
     after: list[tuple[str, nn.Module]] = field(default_factory=list)
     mixing: list = field(default_factory=list)
+
+    def current(self) -> Rotary:
+        """The Rotary in use: the registered one, or the active adapter's copy where PEFT trains it (see
+        :func:`rotary.integrations.install.adapters.active`)."""
+        module = self.parent._modules.get(self.name)
+        return self.rotary if module is None else active(module)
+
+    def changes(self) -> list:
+        return [t.change for t in self.targets if t.change is not None] + self.mixing
 
 
 class Install(nn.Module):
@@ -106,12 +136,15 @@ class Install(nn.Module):
         self.home: list = []  # [parent, name] where the record is registered
 
     # --------------------------------------------------------------------------------------- building
-    def add_rotary(self, rotary: Rotary, parent: nn.Module, *, name: str = "rotary", projections=(),
+    def add_rotary(self, rotary: Rotary, parent: nn.Module, *, name: str = "rotary", folds_into=(),
                    keep_after_fold: bool = True) -> Placed:
-        """Register ``rotary`` at ``parent.<name>``; ``projections``: the q/k projections its P acts on."""
+        """Register ``rotary`` at ``parent.<name>``. Its P acts on the projections :meth:`mix_projection` names,
+        or, where the Rotary applies P itself (``R(m) P q``: the Whisper hosts), on those named in ``folds_into``
+        (``(owner, attribute name)`` pairs), which a fold then absorbs P into."""
         _free(parent, name)
         setattr(parent, name, rotary)
-        placed = Placed(rotary, parent, name, list(projections), keep_after_fold)
+        targets = [Target(owner, attr, module=getattr(owner, attr)) for owner, attr in folds_into]
+        placed = Placed(rotary, parent, name, targets, keep_after_fold)
         self.rotaries.append(placed)
         return placed
 
@@ -122,6 +155,7 @@ class Install(nn.Module):
         setattr(parent, RECORD_NAME, self)
         self.home[:] = [parent, RECORD_NAME]
         self.changes.append(_Hook(parent.register_load_state_dict_pre_hook(_CheckRotaryTensors(self))))
+        self.forward_pre_hook(parent, self._sync_hook)
         self._mirror()
 
     def set_attribute(self, obj, name: str, value) -> None:
@@ -140,38 +174,71 @@ class Install(nn.Module):
     def forward_pre_hook(self, module: nn.Module, hook: Callable, **kwargs) -> None:
         self.changes.append(_Hook(module.register_forward_pre_hook(hook, **kwargs)))
 
-    def mix_projection(self, placed: Placed, projection: nn.Module) -> None:
-        """Apply ``placed``'s P to ``projection``, as ``options.mix_on`` says: its weights or its output."""
-        if self.options.mix_on == "weights":
-            if not plain_linear(projection):
-                raise TypeError(
-                    f"mix_on='weights' replaces nn.Linear.forward, and {type(projection).__name__} has its own "
-                    f"forward (a LoRA or quantised wrapper?): use mix_on='activations'"
-                )
-            change = _Attribute(projection, "forward", MixedWeights(projection, placed.rotary))
-            projection.forward = change.value
-        else:
-            change = _Hook(projection.register_forward_hook(MixedOutput(placed.rotary)))
-        placed.mixing.append(change)
+    def mix_projection(self, placed: Placed, owner: nn.Module, name: str, rows: slice | None = None) -> None:
+        """Apply ``placed``'s P to the projection at ``owner.<name>`` (its output ``rows``; None: all): on its
+        weights if it is a plain ``nn.Linear`` and ``options.mix_on`` is ``"weights"``, else on its output."""
+        target = Target(owner, name, rows)
+        self._mix(placed, target)
+        placed.targets.append(target)
+
+    def _mix(self, placed: Placed, target: Target) -> None:
+        module = target.current()
+        if self.options.mix_on == "weights" and plain_linear(module):
+            change = _Attribute(module, "forward", MixedWeights(module, placed.current, target.rows))
+            module.forward = change.value
+        else:  # an adapter- or quantised-wrapped projection: P on its whole output, whatever it computes
+            change = _Hook(module.register_forward_hook(MixedOutput(placed.current, target.rows)))
+        target.module, target.change = module, change
 
     def mix_after(self, placed: Placed, name: str, module: nn.Module) -> None:
         """Apply ``placed``'s P to the output of ``module``, which sits between a projection and RoPE (a per-head
         norm): always on the activations; a fold checks that P moves through it."""
-        placed.mixing.append(_Hook(module.register_forward_hook(MixedOutput(placed.rotary))))
+        placed.mixing.append(_Hook(module.register_forward_hook(MixedOutput(placed.current))))
         placed.after.append((name, module))
+
+    def sync(self) -> None:
+        """Follow the projections an adapter library wrapped or unwrapped since P was applied (``get_peft_model``,
+        ``merge_and_unload``): P moves to the module now in place, so that it acts on the whole adapted output.
+        Runs before every forward of the module holding the record, and before a fold; a few identity checks
+        when nothing changed.
+
+        A projection wrapped by an adapter while the Rotary is not trained with it (the install came before
+        ``get_peft_model`` and was not handed to it) is an error: P would be frozen and lost from the adapter.
+        """
+        for placed in self.rotaries:
+            for target in placed.targets:
+                module = target.current()
+                if module is target.module:
+                    continue
+                if target.change is None:  # the Rotary applies P itself: nothing to move
+                    target.module = module
+                    continue
+                if is_adapter_layer(module) and not is_training_wrapper(placed.parent._modules.get(placed.name)):
+                    raise RuntimeError(
+                        f"{target.where()} is now {describe(module)}, wrapped after rotary was installed, but the "
+                        f"rotary at {type(placed.parent).__name__}.{placed.name} is not trained with that adapter "
+                        f"(it would stay frozen, act on the base weights only and be missing from the saved "
+                        f"adapter): call rotary.hf.install(peft_model) once after get_peft_model"
+                    )
+                target.change.undo()
+                self._mix(placed, target)
+
+    def _sync_hook(self, module, args) -> None:
+        self.sync()
 
     # --------------------------------------------------------------------------------------- removing
     def remove(self) -> None:
         """Undo every change, newest first: hooks removed, forwards restored, Rotaries and the record deleted."""
         for placed in reversed(self.rotaries):
-            for change in reversed(placed.mixing):
+            for change in reversed(placed.changes()):
                 change.undo()
             placed.mixing.clear()
+            placed.targets.clear()
         for change in reversed(self.changes):
             change.undo()
         self.changes.clear()
         for placed in reversed(self.rotaries):
-            _unregister(placed.parent, placed.name, placed.rotary)
+            _unregister(placed.parent, placed.name)
         self.rotaries.clear()
         if self.home:
             _unregister(*self.home, self)
@@ -186,32 +253,45 @@ class Install(nn.Module):
         Then the changes that applied P go, a Rotary that held only P goes, and the options say ``mixing=None``;
         an install with nothing left is removed entirely (the model is stock again).
         """
-        placed = [p for p in self.rotaries if p.rotary.mixer is not None]
+        self.sync()  # P where the projections are now (after merge_and_unload, ...): changes no output
+        placed = [p for p in self.rotaries if p.current().mixer is not None]
         stock_angles = self.fold_angles() if self.fold_angles is not None else None  # raises before any change
         if not placed and stock_angles is None:
             return None
         check_placement(self.options.placement)
+        plan = []  # per Rotary: [(the nn.Linears one target folds into, its rows)]
         for p in placed:
+            head_dim = p.current().head_dim
             for name, module in p.after:
-                reason = commutes_with_rotations(module, p.rotary.head_dim)
+                reason = commutes_with_rotations(module, head_dim)
                 if reason is not None:
                     raise ValueError(
                         f"cannot fold P exactly: {name} ({type(module).__name__}) sits between the projection and "
                         f"RoPE, and {reason}. P moves through such a norm only if the norm is an RMSNorm whose "
                         f"weight is uniform within each head (then norm(P y) = P norm(y)). Nothing was changed. "
-                        f"Ship the model with the rotary installed (P costs one (head_dim x head_dim) product per "
-                        f"head), or train with the norms frozen at a uniform weight so that fold stays exact."
+                        f"Install with P before the norm (mix_norm='before', the default), which folds whatever "
+                        f"the norm weight; or ship the model with the rotary installed."
                     )
-        actions = [prepare_fold_into(p.rotary, p.projections, self.options.placement) for p in placed]
+            folds = []
+            for target in p.targets:
+                try:
+                    linears = fold_linears(target.module)
+                except ValueError as error:
+                    raise ValueError(f"cannot fold P into {target.where()}: {error}. Nothing was changed.") from None
+                folds.append((linears, target.rows))
+            plan.append(folds)
 
         def action():
-            for p, fold_p in zip(placed, actions):
-                fold_p()
-                for change in reversed(p.mixing):
+            for p, folds in zip(placed, plan):
+                P = p.current().remove_mixing()  # float64 (D, D)
+                for linears, rows in folds:
+                    fold_rows(P, linears, rows)
+                for change in reversed(p.changes()):
                     change.undo()
                 p.mixing.clear()
+                p.targets.clear()
                 if not p.keep_after_fold:
-                    _unregister(p.parent, p.name, p.rotary)
+                    _unregister(p.parent, p.name)
                     self.rotaries.remove(p)
             self.options = self.options.without_mixing()
             if stock_angles is not None:
@@ -254,11 +334,20 @@ class Install(nn.Module):
             super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                           unexpected_keys, error_msgs)
 
-    def rotary_keys(self) -> list[str]:
-        """The state_dict keys of the Rotaries, relative to the module the record is registered in."""
+    def rotary_keys(self) -> dict[str, list[str]]:
+        """The state_dict keys of the Rotaries, relative to the module the record is registered in, by copy: ``""``
+        for the installed Rotaries, an adapter's name for the copies PEFT trains for it."""
         names = {id(m): n for n, m in self.home[0].named_modules()} if self.home else {}
-        return [f"{names[id(p.rotary)]}.{k}" for p in self.rotaries if id(p.rotary) in names
-                for k in p.rotary.state_dict()]
+        keys: dict[str, list[str]] = {}
+        for p in self.rotaries:
+            slot = p.parent._modules.get(p.name)
+            copies = {"": p.rotary}
+            if is_training_wrapper(slot):
+                copies.update(slot._modules["modules_to_save"].items())
+            for kind, rotary in copies.items():
+                if id(rotary) in names:
+                    keys.setdefault(kind, []).extend(f"{names[id(rotary)]}.{k}" for k in rotary.state_dict())
+        return keys
 
     def extra_repr(self) -> str:
         return f"host={self.host!r}, options={_flat(self.options.to_dict())}"
@@ -278,8 +367,12 @@ class _CheckRotaryTensors:
         ours = self.record.options.to_dict()
         theirs = state_dict.get(prefix + RECORD_NAME + "._extra_state")
         theirs = None if theirs is None else _decode(theirs)
-        expected = sorted(prefix + k for k in self.record.rotary_keys())
+        # every copy (the installed Rotaries, or one adapter's) whose tensors the state_dict carries must be whole:
+        # a full checkpoint carries the installed ones, a PEFT adapter its own
+        by_copy = {kind: sorted(prefix + k for k in keys) for kind, keys in self.record.rotary_keys().items()}
         found = sorted(k for k in state_dict if k.startswith(prefix) and _is_rotary_key(k[len(prefix):]))
+        carried = {kind: keys for kind, keys in by_copy.items() if set(keys) & set(found)}
+        expected = sorted(k for keys in (carried or by_copy).values() for k in keys)
         differences = [] if theirs is None else _differences(theirs, ours)
         if differences or (found and found != expected):
             raise ValueError(
@@ -304,6 +397,7 @@ def _flat(record: dict) -> dict:
     record = dict(record) if isinstance(record, dict) else {}
     inner = record.pop("rotary", None)
     record.pop("format", None)
+    record.setdefault("mix_norm", "after")  # as InstallOptions.from_dict reads records written before the field
     flat = {**record, **(inner if isinstance(inner, dict) else {})}
     return dict(sorted(flat.items()))
 
@@ -325,9 +419,17 @@ def _free(parent: nn.Module, name: str) -> None:
         raise RuntimeError(f"{type(parent).__name__} already has an attribute named {name!r}")
 
 
-def _unregister(parent: nn.Module, name: str, module: nn.Module) -> None:
-    if getattr(parent, name, None) is module:
-        delattr(parent, name)
+def _unregister(parent: nn.Module, name: str, module: nn.Module | None = None) -> None:
+    """Delete ``parent.<name>`` if it holds ``module`` (the record), or, without one, a Rotary of the install: the
+    registered one, or what PEFT put in its place (its training wrapper, or after ``merge_and_unload`` the copy)."""
+    found = parent._modules.get(name)
+    if found is None:
+        return
+    if module is not None and found is not module:
+        return
+    if module is None and not isinstance(active(found), Rotary):
+        return
+    delattr(parent, name)
 
 
 def find(model: nn.Module, hosts: tuple[str, ...] | None = None) -> Install | None:
