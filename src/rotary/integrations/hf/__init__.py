@@ -42,10 +42,17 @@ def install(model: nn.Module, **options) -> nn.Module:
     ``scaling=``). Whisper: see :mod:`rotary.hf.whisper`. The options are recorded in ``model.config``, so that
     ``model.save_pretrained`` checkpoints (Trainer's included) reload with :func:`from_pretrained`. A PEFT model
     (``get_peft_model(...)``): see :mod:`rotary.hf.peft`; P then trains and is saved with the adapter.
+    ``adapter=folder`` (and no other option): the install a saved PEFT adapter was trained with, before
+    ``PeftModel.from_pretrained(model, folder)``.
     """
     from .peft import install as install_peft
-    from .peft import is_peft_model
+    from .peft import install_for_adapter, is_peft_model
 
+    if "adapter" in options:
+        folder = options.pop("adapter")
+        if options:
+            raise TypeError(f"adapter= takes the install's options from the adapter's folder, got {sorted(options)}")
+        return install_for_adapter(model, folder)
     if is_peft_model(model):
         return install_peft(model, **options)
     return _integration(model).install(model, **options)

@@ -18,10 +18,11 @@ over an install made before ``get_peft_model`` (the model then forgets nothing: 
   way to train and save a module with an adapter. PEFT then trains a copy per adapter (the installed Rotary
   stays as it was, and is the one in use while adapters are disabled); ``print_trainable_parameters`` counts P,
   ``save_pretrained`` writes it into the adapter file, ``PeftModel.from_pretrained`` restores it.
-- reloading: ``rotary.hf.install(base, **the same options)`` on the base model, then
-  ``PeftModel.from_pretrained(base, folder)``. An adapter whose rotary tensors do not fit the install (another
-  mixing, learned frequencies, one P per layer) is refused, naming the tensors expected and found. The adapter
-  does not record options that change no tensor (a ``scaling=``): install with the options it was trained with.
+- reloading: ``rotary.hf.install(base, adapter=folder)`` on the base model, then
+  ``PeftModel.from_pretrained(base, folder)``. The PEFT model's ``save_pretrained`` also writes the install's
+  options (:data:`OPTIONS_FILE`, next to ``adapter_config.json``); ``install(base, adapter=folder)`` installs
+  them and checks that the adapter file holds exactly the rotary tensors that install has (else it refuses,
+  naming expected and found, and the base model is left as it was).
 - folding (:func:`rotary.fold`): exact after ``merge_and_unload()``; before it, exact for a plain LoRA (P into the
   base weight and into ``lora_B``), refused for DoRA and other variants, naming why.
 - adapters: LoRA and its variants (DoRA, rsLoRA, ...). Others (OFT, IA3, ...) are refused: their tuner's
@@ -32,11 +33,16 @@ peft is an optional extra: ``pip install 'rotary[peft]'``.
 
 from __future__ import annotations
 
+import json
+import os
+
 from torch import nn
 
-from ..install import Install, find, is_adapter_layer
+from ..install import Install, InstallOptions, find, is_adapter_layer
 
-__all__ = ["SUPPORTED", "install", "is_peft_model"]
+__all__ = ["OPTIONS_FILE", "SUPPORTED", "install", "install_for_adapter", "is_peft_model"]
+
+OPTIONS_FILE = "rotary.json"  # beside adapter_config.json: the install the adapter's rotary tensors belong to
 
 SUPPORTED = ("LORA",)  # PEFT types whose tuner unloads a ``modules_to_save`` module without weights
 
@@ -95,6 +101,7 @@ def install(peft_model: nn.Module, **options) -> nn.Module:
         raise RuntimeError("the rotary of this PEFT model is already trained with its adapters: nothing to do")
     try:
         _train_with_adapters(peft_model, record, set_additional_trainable_modules)
+        record.set_attribute(peft_model, "save_pretrained", _SaveWithOptions(peft_model.save_pretrained, record))
         record.sync()  # P onto the adapted projections now (rather than at the next forward)
     except BaseException:
         if installed_here:
@@ -127,3 +134,69 @@ def _train_with_adapters(peft_model: nn.Module, record: Install, set_additional_
         set_additional_trainable_modules(model=peft_model.base_model, peft_config=config,
                                          model_config=inner.config.to_dict(), adapter_name=adapter,
                                          activate_adapter=adapter in active)
+
+
+class _SaveWithOptions:
+    """The PEFT model's ``save_pretrained``, then the install's options written beside each adapter it saved."""
+
+    def __init__(self, save_pretrained, record: Install):
+        self.save_pretrained, self.record = save_pretrained, record
+
+    def __call__(self, save_directory, *args, **kwargs):
+        out = self.save_pretrained(save_directory, *args, **kwargs)
+        for folder, _, files in os.walk(save_directory):  # the default adapter's, and one folder per other adapter
+            if "adapter_config.json" in files:
+                with open(os.path.join(folder, OPTIONS_FILE), "w") as f:
+                    json.dump(self.record.options.to_dict(), f, indent=2, sort_keys=True)
+        return out
+
+
+def _adapter_rotary_keys(folder: str) -> list[str]:
+    """The rotary tensors in a saved adapter, named as in the base model (PEFT's ``base_model.model.`` removed)."""
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.exists(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+    else:
+        import torch
+
+        keys = list(torch.load(os.path.join(folder, "adapter_model.bin"), map_location="cpu", weights_only=True))
+    # a tensor of what an install registers (a path through a module named "rotary"), never transformers' rotary_emb
+    return sorted(k.removeprefix("base_model.model.") for k in keys if "rotary" in k.split("."))
+
+
+def install_for_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
+    """Install into the base ``model`` the rotary that the adapter saved in ``folder`` was trained with (its
+    :data:`OPTIONS_FILE`), so that ``PeftModel.from_pretrained(model, folder)`` restores P; returns the model.
+
+    Refuses, naming expected and found, an adapter without the options file, one whose rotary tensors are not the
+    ones that install has, and a model that already has another install; the model is then left as it was.
+    """
+    from . import causal
+
+    folder = os.fspath(folder)
+    path = os.path.join(folder, OPTIONS_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"{folder}: no {OPTIONS_FILE}, so not an adapter saved from a PEFT model with a rotary "
+                         f"installed (rotary.hf.install(peft_model) before training writes it at save_pretrained)")
+    with open(path) as f:
+        options = InstallOptions.from_dict(json.load(f))
+    record = find(model)
+    installed_here = record is None
+    if installed_here:
+        causal.install(model, options=options)
+        record = find(model)
+    elif record.options.to_dict() != options.to_dict():
+        raise ValueError(f"{folder}: the adapter was trained with the rotary install {options.to_dict()}, but this "
+                         f"model has {record.options.to_dict()} installed; call rotary.hf.uninstall(model) first")
+    names = {id(m): n for n, m in model.named_modules()}
+    expected = sorted(f"{names[id(p.rotary)]}.{k}" for p in record.rotaries for k in p.rotary.state_dict())
+    found = _adapter_rotary_keys(folder)
+    if found != expected:
+        if installed_here:
+            causal.uninstall(model)
+        raise ValueError(f"{folder}: the adapter's rotary tensors do not match its recorded install "
+                         f"{options.to_dict()}: expected {expected}, found {found}")
+    return model
