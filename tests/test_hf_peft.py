@@ -297,3 +297,15 @@ def test_phi3_with_lora_on_qkv_proj_folds_through_the_adapter():
     merged = rotary.fold(model).merge_and_unload()
     assert list(merged.state_dict()) == list(stock.state_dict())
     assert max_diff(logits(merged, ids), trained) <= 1e-5
+
+
+def test_learned_frequencies_train_with_the_adapter_and_act():
+    stock = tiny()
+    model = train(peft_with_rotary("peft first", stock, learned_freq=True))
+    copy_ = model.get_base_model().model.rotary.modules_to_save["default"]
+    assert copy_.angles.log_freq_scale.abs().max() > 0  # trained, in the adapter's copy
+    ids = tokens()
+    trained = logits(model, ids)
+    with torch.no_grad():  # the copy's frequencies are the ones in use: zeroing them changes the logits
+        copy_.angles.log_freq_scale.zero_()
+    assert max_diff(logits(model, ids), trained) > 1e-4

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -60,17 +61,18 @@ _FOLD_WARNING = (
 class _RotaryEmbeddingForward:
     """``rotary_emb.forward`` returning the Rotary's cos/sin ``(B, T, rotary_dim)``, half layout, in x's dtype."""
 
-    def __init__(self, rotary: Rotary):
-        self.rotary = rotary
+    def __init__(self, rotary: Callable[[], Rotary]):
+        self.source = rotary  # the Rotary in use: the installed one, or the adapter's copy that PEFT trains
 
     def __call__(self, x: Tensor, position_ids: Tensor, layer_type=None) -> tuple[Tensor, Tensor]:
+        rotary = self.source()
         if layer_type is not None:
             raise ValueError(f"rotary computes one set of angles for all layers, got layer_type={layer_type!r}")
-        scaling = self.rotary.angles.scaling
+        scaling = rotary.angles.scaling
         # transformers evaluates length-dependent schemes (dynamic, longrope) at max(position_ids) + 1 for the
         # whole batch: the same here (a tensor, so no host sync and nothing for torch.compile to guard on)
         length = position_ids.amax() + 1 if scaling is not None and scaling.depends_on_length else None
-        cos, sin = self.rotary.cos_sin(position_ids, length=length)  # (B, T, r/2) float32
+        cos, sin = rotary.cos_sin(position_ids, length=length)  # (B, T, r/2) float32
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (B, T, r): rotate_half's layout
         return cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
 
@@ -296,14 +298,16 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     record = Install(HOST, options, config=config, fold_warning=_FOLD_WARNING if angles else None)
     try:
         placed = []  # (placed rotary, its attentions)
+        angles_placed = None  # the placed Rotary computing the angles, if they change
         if options.per_layer:
             for a in attentions:
                 placed.append((record.add_rotary(p_rotary(), a.module, keep_after_fold=False), [a]))
             if angle_rotary is not None:
-                record.add_rotary(angle_rotary, base)
+                angles_placed = record.add_rotary(angle_rotary, base)
         else:
             shared = angle_rotary if angle_rotary is not None else p_rotary()
             placed.append((record.add_rotary(shared, base, keep_after_fold=angles), attentions))
+            angles_placed = placed[0][0] if angle_rotary is not None else None
         record.attach(base)
         for p, owned in placed:
             if p.rotary.mixer is None:
@@ -316,7 +320,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
                     for name, rows in a.targets:
                         record.mix_projection(p, a.module, name, rows)
         if angle_rotary is not None:
-            record.replace_forward(rotary_emb, _RotaryEmbeddingForward(angle_rotary))
+            record.replace_forward(rotary_emb, _RotaryEmbeddingForward(angles_placed.current))
     except BaseException:
         record.remove()
         raise
@@ -329,7 +333,7 @@ def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device) -> None:
     x = torch.zeros(1, dtype=torch.float32, device=device)
     with torch.no_grad():
         cos, sin = rotary_emb(x, positions)
-        mine = _RotaryEmbeddingForward(rotary)(x, positions)
+        mine = _RotaryEmbeddingForward(lambda: rotary)(x, positions)
     if cos.shape != mine[0].shape:
         raise ValueError(f"the model's rotary_emb gives cos of shape {tuple(cos.shape)}, rotary {tuple(mine[0].shape)}")
     error = max((cos - mine[0]).abs().max().item(), (sin - mine[1]).abs().max().item())
