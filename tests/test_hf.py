@@ -7,7 +7,6 @@ in float64, independently of rotary.fold.
 
 import copy
 import dataclasses
-import logging
 
 import pytest
 import torch
@@ -312,21 +311,29 @@ def test_fold_refuses_a_non_uniform_qk_norm_and_changes_nothing():
     assert rotary.hf.installed(model) is not None and model.model.rotary.mixer is not None
 
 
-def test_fold_with_learned_frequencies_keeps_the_angle_rotary(tmp_path, caplog):
-    model = randomize(rotary.hf.install(tiny(), learned_freq=True))
+def test_fold_with_learned_frequencies_writes_a_stock_config(tmp_path):
+    stock = tiny()
+    model = train_steps(randomize(rotary.hf.install(copy.deepcopy(stock), learned_freq=True)))
     ids = tokens()
-    before = logits(model, ids)
-    with caplog.at_level(logging.WARNING, logger="rotary.hf.causal"):
-        rotary.fold(model)
-    assert "angles were changed" in caplog.text
-    assert max_diff(logits(model, ids), before) <= 1e-5
-    assert model.model.rotary.mixer is None
-    options = rotary.hf.installed(model).options
-    assert options.rotary.mixing is None and options.rotary.learned_freq and not options.per_layer
-    assert model.config.rotary == options.to_dict()
+    trained = logits(model, ids)
+    rotary.fold(model)
+    # the model in memory is stock: no rotary module, forward, hook or record; rotary_emb follows the new config
+    assert rotary.hf.installed(model) is None and "rotary" not in model.config.to_dict()
+    assert list(model.state_dict()) == list(stock.state_dict())
+    assert [type(m) for m in model.modules()] == [type(m) for m in stock.modules()]
+    assert not any("forward" in m.__dict__ or m._forward_hooks for m in model.modules())
+    params = model.config.rope_parameters
+    assert params["rope_type"] == "longrope" and params["short_factor"] == params["long_factor"]
+    assert params["attention_factor"] == 1.0 and params["original_max_position_embeddings"] == 256
     model.save_pretrained(tmp_path)
-    reloaded = rotary.hf.from_pretrained(transformers.AutoModelForCausalLM, tmp_path, attn_implementation="eager")
-    assert torch.equal(logits(reloaded.eval(), ids), logits(model, ids))
+    assert "rotary" not in (tmp_path / "config.json").read_text()
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    # transformers forms the angles in float32, the trained model in float64
+    assert max_diff(logits(loaded.eval(), ids), trained) <= 1e-5
+    assert max_diff(logits(model, ids), trained) <= 1e-5
 
 
 # --------------------------------------------------------------------------------------------- save, reload

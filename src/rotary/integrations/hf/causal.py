@@ -23,14 +23,18 @@ registered at ``<base model>.rotary_install``):
 - angles: untouched (the model's ``rotary_emb``, its ``rope_parameters`` and partial rotary), unless an option
   changes them (``learned_freq=True``, ``scaling=``): then ``rotary_emb.forward`` returns the Rotary at
   ``<base model>.rotary``'s cos/sin (float64 angles, the scheme's attention factor applied as transformers
-  applies it) in the dtype attention expects.
+  applies it) in the dtype attention expects. With one ``rope_parameters`` per layer type (Gemma 3), one Rotary
+  per type (at ``rotary_emb.rotary.<layer type>``, each starting at its type's angles) and ``layer_type`` picks
+  it; ``scaling=`` is refused there (one dict for several types would be ambiguous).
 - the install options are recorded in ``model.config.rotary`` (:meth:`InstallOptions.to_dict`).
 
 Folding (:func:`rotary.fold`): P moves into ``q_proj``/``k_proj`` (weights and biases), then the forwards, hooks
 and rotaries go, and so does the record: the module tree, state_dict and config are stock. With a q/k norm, the fold
 is exact only if the norm is an RMSNorm whose weight is uniform within each head (then ``norm(P y) = P norm(y)``);
-otherwise ``fold`` refuses. When the angles were changed, P still folds, but the Rotary that computes the angles
-stays: no stock checkpoint can reproduce such a model (the record stays too, for :func:`rotary.hf.from_pretrained`).
+otherwise ``fold`` refuses. Changed angles become the stock ``rope_parameters`` transformers computes them from
+(:mod:`rotary.hf.stock`: the scheme itself, or ``longrope`` factors of the learned frequencies), per layer type
+where the model has several, and ``rotary_emb`` is rebuilt from them; angles no stock config expresses (learned
+frequencies on dynamic NTK) are refused, naming why, before anything changes.
 """
 
 from __future__ import annotations
@@ -46,28 +50,33 @@ from ...core.module import Rotary
 from ...core.options import RotaryOptions
 from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, describe, find, flag
 from ._common import forget, recorded, require_transformers
+from .stock import FoldAngles, Registered, per_layer_type
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
 
 HOST = "hf.causal"
 _TAKEN_FROM_MODEL = ("base", "rotary_dim", "interleaved", "dims", "heads")
-_FOLD_WARNING = (
-    "rotary.fold: P is folded into q_proj/k_proj, but the angles were changed (learned_freq or scaling): the "
-    "rotary that computes them stays installed, so model.save_pretrained does not write a stock checkpoint; "
-    "reload it with rotary.hf.from_pretrained"
-)
 
 
 class _RotaryEmbeddingForward:
-    """``rotary_emb.forward`` returning the Rotary's cos/sin ``(B, T, rotary_dim)``, half layout, in x's dtype."""
+    """``rotary_emb.forward`` returning the Rotary's cos/sin ``(B, T, rotary_dim)``, half layout, in x's dtype.
 
-    def __init__(self, rotary: Callable[[], Rotary]):
-        self.source = rotary  # the Rotary in use: the installed one, or the adapter's copy that PEFT trains
+    ``rotary``: the Rotary in use (a callable: the installed one, or the adapter's copy that PEFT trains), or, for
+    per-layer-type ``rope_parameters`` (Gemma 3), a dict of them by layer type, which ``layer_type`` selects."""
+
+    def __init__(self, rotary: Callable[[], Rotary] | dict[str, Callable[[], Rotary]]):
+        self.source = rotary
 
     def __call__(self, x: Tensor, position_ids: Tensor, layer_type=None) -> tuple[Tensor, Tensor]:
-        rotary = self.source()
-        if layer_type is not None:
+        if isinstance(self.source, dict):
+            if layer_type not in self.source:
+                raise ValueError(f"rotary computes the angles of layer types {sorted(self.source)}, got "
+                                 f"layer_type={layer_type!r}")
+            rotary = self.source[layer_type]()
+        elif layer_type is not None:
             raise ValueError(f"rotary computes one set of angles for all layers, got layer_type={layer_type!r}")
+        else:
+            rotary = self.source()
         scaling = rotary.angles.scaling
         # transformers evaluates length-dependent schemes (dynamic, longrope) at max(position_ids) + 1 for the
         # whole batch: the same here (a tensor, so no host sync and nothing for torch.compile to guard on)
@@ -202,12 +211,17 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     params, theta = _rope_parameters(model.config)
     rotary_dim = _rotary_dim(getattr(model, "base_model", model).rotary_emb, head_dim)
     geometry = {"base": theta, "interleaved": False, "rotary_dim": rotary_dim}  # P's planes avoid the model's pairs
-    if angles:
-        if params and all(isinstance(v, dict) for v in params.values()):
+    if angles and per_layer_type(params):
+        if scaling is not None:
             raise ValueError(
-                f"the model has one rope_parameters per layer type ({sorted(params)}): rotary computes one set of "
-                f"angles, so learned_freq/scaling cannot replace them"
+                f"the model has one rope_parameters per layer type ({sorted(params)}): one scaling= dict would be "
+                f"ambiguous. learned_freq=True learns each layer type's frequencies, starting at its own; to change "
+                f"a type's scheme, set config.rope_parameters[layer_type] before building the model"
             )
+        # each layer type's Rotary takes its scheme from config.rope_parameters (unchanged while installed): the
+        # record holds learned_freq and the geometry
+        options = RotaryOptions(heads * head_dim, heads, mixing=mixing, learned_freq=True, **geometry)
+    elif angles:
         angle_scaling = dict(scaling if scaling is not None else params)
         if "rope_theta" in angle_scaling:
             del geometry["base"]
@@ -283,8 +297,19 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     angles = _changes_angles(r)
     # Build everything first: nothing below fails on options, and the model is untouched until the record acts.
     device = next(attentions[0].module.parameters()).device
-    angle_rotary = None
-    if angles:
+    angle_rotary, type_rotaries = None, {}  # the Rotary computing the angles, or one per layer type (Gemma 3)
+    types = per_layer_type(_rope_parameters(config)[0]) if angles else None
+    if types:
+        if r.scaling is not None:
+            raise ValueError(f"these install options give one set of angles (scaling {r.scaling}), but the model "
+                             f"has one rope_parameters per layer type ({sorted(types)})")
+        for layer_type, params in types.items():  # each starts at its own type's angles
+            rot = Rotary.from_options(dataclasses.replace(r, mixing=None, scaling=params, base=None)).to(device)
+            _check_angles(rotary_emb, rot, device, layer_type)
+            type_rotaries[layer_type] = rot
+        if hasattr(rotary_emb, "rotary"):
+            raise RuntimeError(f"{type(rotary_emb).__name__} already has an attribute named 'rotary'")
+    elif angles:
         angle_rotary = Rotary.from_options(dataclasses.replace(r, mixing=None) if options.per_layer else r).to(device)
         if r.scaling == _rope_parameters(config)[0]:
             _check_angles(rotary_emb, angle_rotary, device)
@@ -295,7 +320,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         rot.angles.build_table(0)  # P only: the model computes the angles (one table per layer with per_layer)
         return rot
 
-    record = Install(HOST, options, config=config, fold_warning=_FOLD_WARNING if angles else None)
+    record = Install(HOST, options, config=config)  # fold_angles set below, once the angles' Rotaries are placed
     try:
         placed = []  # (placed rotary, its attentions)
         angles_placed = None  # the placed Rotary computing the angles, if they change
@@ -304,10 +329,16 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
                 placed.append((record.add_rotary(p_rotary(), a.module, keep_after_fold=False), [a]))
             if angle_rotary is not None:
                 angles_placed = record.add_rotary(angle_rotary, base)
-        else:
+        elif angle_rotary is not None or r.mixing is not None:
             shared = angle_rotary if angle_rotary is not None else p_rotary()
-            placed.append((record.add_rotary(shared, base, keep_after_fold=angles), attentions))
+            placed.append((record.add_rotary(shared, base, keep_after_fold=angle_rotary is not None), attentions))
             angles_placed = placed[0][0] if angle_rotary is not None else None
+        sources = {None: angles_placed.current} if angles_placed is not None else {}
+        if type_rotaries:  # at <base>.rotary_emb.rotary.<layer type>: their state_dict keys have a "rotary" part
+            holder = nn.ModuleDict()
+            rotary_emb.rotary = holder
+            record.changes.append(Registered(rotary_emb, "rotary", holder))
+            sources = {t: record.add_rotary(rot, holder, name=t).current for t, rot in type_rotaries.items()}
         record.attach(base)
         for p, owned in placed:
             if p.rotary.mixer is None:
@@ -319,21 +350,25 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
                 else:  # before a q/k norm, P folds into the projections whatever the norm's weight
                     for name, rows in a.targets:
                         record.mix_projection(p, a.module, name, rows)
-        if angle_rotary is not None:
-            record.replace_forward(rotary_emb, _RotaryEmbeddingForward(angles_placed.current))
+        if sources:
+            forward = _RotaryEmbeddingForward(sources.get(None, sources))  # one Rotary, or a dict by layer type
+            record.replace_forward(rotary_emb, forward)
+            # rotary.fold writes the angles as stock rope_parameters and rebuilds rotary_emb (rotary.hf.stock)
+            record.fold_angles = FoldAngles(config, rotary_emb, forward, sources)
     except BaseException:
         record.remove()
         raise
     return model
 
 
-def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device) -> None:
-    """The Rotary must reproduce the model's own cos/sin before its frequencies are learned."""
+def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device, layer_type: str | None = None) -> None:
+    """The Rotary must reproduce the model's own cos/sin (of ``layer_type``) before its frequencies are learned."""
     positions = torch.arange(32, device=device).unsqueeze(0)  # (1, 32)
     x = torch.zeros(1, dtype=torch.float32, device=device)
+    args, source = ((), lambda: rotary) if layer_type is None else ((layer_type,), {layer_type: lambda: rotary})
     with torch.no_grad():
-        cos, sin = rotary_emb(x, positions)
-        mine = _RotaryEmbeddingForward(lambda: rotary)(x, positions)
+        cos, sin = rotary_emb(x, positions, *args)
+        mine = _RotaryEmbeddingForward(source)(x, positions, *args)
     if cos.shape != mine[0].shape:
         raise ValueError(f"the model's rotary_emb gives cos of shape {tuple(cos.shape)}, rotary {tuple(mine[0].shape)}")
     error = max((cos - mine[0]).abs().max().item(), (sin - mine[1]).abs().max().item())
