@@ -10,6 +10,7 @@ Shapes: B batch, T sequence, H heads, D head_dim; ``offset`` is the position of 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,9 +105,34 @@ def hf_transformers(shape, dtype, device, generator) -> Case:
     return Case(forward, [q])
 
 
-def torchtune(shape, dtype, device, generator) -> Case:
-    from torchtune.modules import RotaryPositionalEmbeddings
+def _torchtune_rope():
+    """torchtune's ``RotaryPositionalEmbeddings``, from its one file (imports torch only), loaded by path.
 
+    torchtune's package ``__init__`` imports torchao (0.6.1: its NF4 tensor, gone from torchao >= 0.12), and peft
+    refuses LoRA layers beside a torchao older than 0.16: loading the file alone keeps torchao out of the bench
+    environment. ``find_spec`` of a top-level name locates the package without executing its ``__init__``.
+    """
+    import importlib.util
+    import sys
+
+    name = "_rotary_bench_torchtune_position_embeddings"
+    if name in sys.modules:
+        return sys.modules[name].RotaryPositionalEmbeddings
+    package = importlib.util.find_spec("torchtune")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("No module named 'torchtune'", name="torchtune")
+    path = os.path.join(next(iter(package.submodule_search_locations)), "modules", "position_embeddings.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None or not os.path.exists(path):
+        raise ImportError(f"torchtune without modules/position_embeddings.py ({path})", name="torchtune")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module.RotaryPositionalEmbeddings
+
+
+def torchtune(shape, dtype, device, generator) -> Case:
+    RotaryPositionalEmbeddings = _torchtune_rope()
     emb = RotaryPositionalEmbeddings(dim=shape.head_dim, max_seq_len=shape.offset + shape.seq).to(device)
     x = _x(shape, dtype, device, generator)  # its layout: (B, T, H, D)
     input_pos = torch.arange(shape.offset, shape.offset + shape.seq, device=device).expand(shape.batch, -1)
