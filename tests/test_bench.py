@@ -212,6 +212,28 @@ def test_decoder_suite_builds_each_model_it_times(placement):
     assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, ds.FULL.vocab)
 
 
+def test_lora_suite_times_lora_alone_against_the_same_lora_with_rotary():
+    """The lora suite's two PEFT models hold the same LoRA weights; the installed one also trains P (away from the
+    identity), and its merged, folded copy is a stock Llama with no rotary left."""
+    pytest.importorskip("peft")
+    import copy
+
+    import rotary
+    from rotary.lab.bench import lora_speed
+    from rotary.lab.bench.hf_speed import tiny_llama
+
+    generator = torch.Generator().manual_seed(0)
+    stock = tiny_llama(layers=1, hidden=32, heads=2, kv_heads=1, vocab=64, generator=generator)
+    alone, installed = lora_speed._lora_models(stock, r=2, mixing="givens", generator=generator)
+    lora = {n: p for n, p in alone.named_parameters() if p.requires_grad}
+    extra = {n: p for n, p in installed.named_parameters() if p.requires_grad and n not in lora}
+    assert lora and all(torch.equal(p, dict(installed.named_parameters())[n]) for n, p in lora.items())
+    assert extra and all(".rotary." in n and p.abs().sum() > 0 for n, p in extra.items()), list(extra)
+    folded = rotary.fold(copy.deepcopy(installed).merge_and_unload())
+    assert type(folded) is type(stock) and rotary.hf.installed(folded) is None
+    assert not any(isinstance(m, rotary.Rotary) for m in folded.modules())
+
+
 # --- the lab modules
 
 def _calls(tree):

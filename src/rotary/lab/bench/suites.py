@@ -72,6 +72,9 @@ SUITES: dict[str, Suite] = {
                      "the reference decoder: training step, decoding after fold, rotary share, positional modes"),
     "hf": Suite("rotary.lab.bench.hf_speed:suite", "a transformers Llama: training step installed, generate() "
                 "after fold", devices=("cpu",)),
+    "lora": Suite("rotary.lab.bench.lora_speed:suite", "LoRA (peft) on a transformers Llama: training step with rotary "
+                  "installed through PEFT against LoRA alone, generate() after merge_and_unload and fold",
+                  devices=("cpu",)),
     "hf-whisper": Suite("rotary.lab.bench.hf_whisper_speed:suite",
                         "transformers' Whisper: decoding per token and a training step, installed against stock"),
     "gpu": Suite("rotary.lab.bench.gpu:suite", "the Triton kernel against the torch path, torch.compile, Liger-Kernel, "
@@ -138,7 +141,7 @@ def environment(device: str | None = None) -> dict:
     }
     from importlib.metadata import PackageNotFoundError, version
 
-    for pkg in ("rotary", "rotary-embedding-torch", "transformers", "torchtune", "openai-whisper"):
+    for pkg in ("rotary", "rotary-embedding-torch", "transformers", "peft", "torchtune", "openai-whisper"):
         try:
             env[pkg] = version(pkg)
         except PackageNotFoundError:

@@ -71,6 +71,10 @@ TARGETS: list[Target] = [
     # hf: a transformers Llama
     Target("training step, installed / stock", "hf", "train installed/stock", 1.05, "<="),
     Target("generate() tokens/s, folded / stock", "hf", "generate folded/stock", 1.0, "+-", 0.03),
+    # lora: LoRA (peft) on the same Llama, rotary installed through PEFT against LoRA alone
+    Target("LoRA training step, rotary installed / LoRA alone", "lora", "train installed/lora", 1.05, "<="),
+    Target("generate() tokens/s after merge_and_unload, folded / LoRA alone", "lora", "generate folded/merged", 1.0,
+           "+-", 0.03),
     # hf-whisper: transformers' Whisper
     Target("decoding per token, installed / stock", "hf-whisper", "decode installed/stock", 1.2, "<="),
     Target("training step, installed / stock", "hf-whisper", "train installed/stock", 1.05, "<="),
