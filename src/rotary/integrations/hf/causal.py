@@ -337,7 +337,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         if type_rotaries:  # at <base>.rotary_emb.rotary.<layer type>: their state_dict keys have a "rotary" part
             holder = nn.ModuleDict()
             rotary_emb.rotary = holder
-            record.changes.append(Registered(rotary_emb, "rotary", holder))
+            record.keep(Registered(rotary_emb, "rotary", holder))
             sources = {t: record.add_rotary(rot, holder, name=t).current for t, rot in type_rotaries.items()}
         record.attach(base)
         for p, owned in placed:

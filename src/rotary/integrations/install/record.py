@@ -21,7 +21,6 @@ installed with other options; a state_dict without it (written before the record
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,7 +35,6 @@ from .options import InstallOptions
 
 __all__ = ["RECORD_NAME", "Install", "Placed", "Target", "find"]
 
-logger = logging.getLogger(__name__)
 
 RECORD_NAME = "rotary_install"  # where the record is registered, next to the Rotary
 
@@ -120,16 +118,15 @@ class Install(nn.Module):
 
     ``host`` names the integration (``"whisper"``, ``"hf.causal"``, ``"hf.whisper"``); ``config`` is an object whose
     ``rotary`` attribute mirrors ``options.to_dict()`` while installed (Hugging Face's ``model.config``), or None;
-    ``fold_warning`` is logged when a fold leaves a Rotary behind that a stock checkpoint cannot express.
     ``fold_angles``, for an install that changed the host's angles: called by :meth:`prepare_fold` before anything
     changes, it checks that the angles can be written as the host's stock configuration (raising ``ValueError``
     naming why not) and returns the action that writes it; after that action the whole install is removed.
     """
 
-    def __init__(self, host: str, options: InstallOptions, *, config=None, fold_warning: str | None = None,
+    def __init__(self, host: str, options: InstallOptions, *, config=None,
                  fold_angles: Callable[[], Callable[[], None]] | None = None):
         super().__init__()
-        self.host, self.options, self.config, self.fold_warning = host, options, config, fold_warning
+        self.host, self.options, self.config = host, options, config
         self.fold_angles = fold_angles
         self.rotaries: list[Placed] = []  # plain lists: nothing here is a submodule of the record
         self.changes: list = []
@@ -157,6 +154,10 @@ class Install(nn.Module):
         self.changes.append(_Hook(parent.register_load_state_dict_pre_hook(_CheckRotaryTensors(self))))
         self.forward_pre_hook(parent, self._sync_hook)
         self._mirror()
+
+    def keep(self, change) -> None:
+        """Keep a change the host made itself (an object with ``undo()``), undone by :meth:`remove`."""
+        self.changes.append(change)
 
     def set_attribute(self, obj, name: str, value) -> None:
         """Set an instance attribute of a host object (e.g. a replaced ``forward``), restored by :meth:`remove`."""
@@ -302,8 +303,6 @@ class Install(nn.Module):
                 self.remove()
                 return
             self._mirror()
-            if self.fold_warning:
-                logger.warning(self.fold_warning)
 
         return action
 
