@@ -66,7 +66,8 @@ class MixedOutput:
     """Forward hook: the module's output ``(..., H * D)`` times P per head (its channels in ``rows`` only, for a
     fused qkv projection).
 
-    P costs O(tokens * H * D^2) per call; the module itself is untouched, whatever it is (an adapter-wrapped or
+    P costs O(tokens * H * D) per call for Givens (elementwise: ``c * x + s * x[partner]``), O(tokens * H * D^2)
+    for a dense P; the module itself is untouched, whatever it is (an adapter-wrapped or
     quantised projection, a per-head norm). ``rotary``: a callable returning the Rotary in use.
     """
 
@@ -74,9 +75,16 @@ class MixedOutput:
         self.rotary, self.rows = rotary, rows
 
     def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
-        P = self.rotary().mixing_matrix(compute_dtype(output.dtype)).to(output.device)  # (D, D)
+        rotary, dtype = self.rotary(), compute_dtype(output.dtype)
         part = output if self.rows is None else output[..., self.rows]
-        mixed = (part.unflatten(-1, (-1, P.shape[0])).to(P.dtype) @ P.T).to(output.dtype).flatten(-2)  # per head
+        heads = part.unflatten(-1, (-1, rotary.head_dim)).to(dtype)  # (..., H, D)
+        coefficients = getattr(rotary.mixer, "coefficients", None)
+        if coefficients is not None:  # Givens: P x = c * x + s * x[partner], elementwise, O(D) per head
+            c, s, partner = (t.to(output.device) for t in coefficients(dtype))
+            heads = heads * c + heads.index_select(-1, partner) * s  # (a gather: no host sync to test for a roll)
+        else:
+            heads = heads @ rotary.mixing_matrix(dtype).to(output.device).T
+        mixed = heads.to(output.dtype).flatten(-2)
         if self.rows is None:
             return mixed
         return torch.cat((output[..., : self.rows.start], mixed, output[..., self.rows.stop:]), dim=-1)
