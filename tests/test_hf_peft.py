@@ -309,3 +309,17 @@ def test_learned_frequencies_train_with_the_adapter_and_act():
     with torch.no_grad():  # the copy's frequencies are the ones in use: zeroing them changes the logits
         copy_.angles.log_freq_scale.zero_()
     assert max_diff(logits(model, ids), trained) > 1e-4
+
+
+def test_uninstall_from_a_peft_model_leaves_the_lora_model():
+    stock = tiny()
+    lora_alone = peft.get_peft_model(copy.deepcopy(stock), lora())
+    model = rotary.hf.install(copy.deepcopy(lora_alone))
+    with torch.no_grad():
+        model.get_base_model().model.rotary.modules_to_save["default"].mixer.angles.normal_(std=0.5)
+    ids = tokens()
+    assert max_diff(logits(model, ids), logits(lora_alone, ids)) > 1e-3
+    rotary.hf.uninstall(model)
+    assert rotary.hf.installed(model) is None and "save_pretrained" not in vars(model)
+    assert not any("rotary" in n.split(".") for n, _ in model.named_modules())
+    assert torch.equal(logits(model, ids), logits(lora_alone, ids))
