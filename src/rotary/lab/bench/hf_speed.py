@@ -44,7 +44,8 @@ def tiny_llama(
     return model
 
 
-def _train_step(model, optimizer, tokens):
+def train_step(model, optimizer, tokens):
+    """One timed call: forward with labels, backward, ``optimizer`` step."""
     def step():
         loss = model(tokens, labels=tokens).loss
         loss.backward()
@@ -54,7 +55,8 @@ def _train_step(model, optimizer, tokens):
     return step
 
 
-def _generate(model, prompt, new_tokens):
+def generate_call(model, prompt, new_tokens):
+    """One timed call: greedy ``generate()`` of exactly ``new_tokens`` tokens after ``prompt``."""
     def run():
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -105,10 +107,10 @@ def measure(
     train = {}
     for name, model in (("train_stock", copy.deepcopy(stock)), ("train_installed", copy.deepcopy(installed))):
         model.train()
-        train[name] = _train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), tokens)
+        train[name] = train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), tokens)
     seconds = time_interleaved(train, device=device, repeats=repeats, warmup=warmup)
     generate = {
-        name: _generate(model.eval(), prompt_ids, new_tokens)
+        name: generate_call(model.eval(), prompt_ids, new_tokens)
         for name, model in (("generate_stock", stock), ("generate_folded", folded), ("generate_installed", installed))
     }
     seconds.update(time_blocked(generate, device=device, repeats=repeats, warmup=warmup))

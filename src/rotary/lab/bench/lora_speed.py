@@ -16,7 +16,7 @@ import torch
 
 import rotary
 from rotary.lab.bench.hf_speed import QUICK as HF_QUICK
-from rotary.lab.bench.hf_speed import tiny_llama
+from rotary.lab.bench.hf_speed import generate_call, tiny_llama, train_step
 from rotary.lab.bench.rows import Row, ratio_row, time_rows
 from rotary.lab.bench.timing import median, spread, time_interleaved
 
@@ -51,27 +51,6 @@ def _lora_models(stock, *, r: int, mixing: str, generator: torch.Generator):
 
 def _trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def _train_step(model, tokens):
-    optimizer = torch.optim.AdamW(_trainable(model), lr=1e-4)
-
-    def step():
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _generate(model, prompt, new_tokens):
-    def run():
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=0)
-
-    return run
 
 
 def measure(
@@ -119,9 +98,9 @@ def measure(
     train = {}
     for name, model in (("train_lora", alone), ("train_installed", installed)):
         model.train()
-        train[name] = _train_step(model, tokens)
+        train[name] = train_step(model, torch.optim.AdamW(_trainable(model), lr=1e-4), tokens)
     seconds = time_interleaved(train, device=device, repeats=repeats, warmup=warmup)
-    generate = {name: _generate(model.eval(), prompt_ids, new_tokens)
+    generate = {name: generate_call(model.eval(), prompt_ids, new_tokens)
                 for name, model in (("generate_merged", merged), ("generate_folded", folded))}
     seconds.update(time_interleaved(generate, device=device, repeats=repeats, warmup=warmup))
 
