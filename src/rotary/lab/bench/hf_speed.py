@@ -115,25 +115,34 @@ def measure(
     }
     seconds.update(time_blocked(generate, device=device, repeats=repeats, warmup=warmup))
 
+    setup = {
+        "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "batch": batch,
+        "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "mixing": mixing, "repeats": repeats,
+        "warmup": warmup, "dtype": "float32", "attn_implementation": "sdpa",
+    }
+    r = summary(setup, seconds, generate, new_tokens)
+    medians, tokens_per_s = r["median"], r["tokens_per_s"]
+    r["ratios"] = {
+        "train_installed_over_stock": medians["train_installed"] / medians["train_stock"],
+        "generate_folded_over_stock": tokens_per_s["generate_folded"] / tokens_per_s["generate_stock"],
+        "generate_installed_over_stock": tokens_per_s["generate_installed"] / tokens_per_s["generate_stock"],
+    }
+    return r
+
+
+def summary(setup: dict, seconds: dict, generate, new_tokens: int) -> dict:
+    """What a measure() of training steps and generate() calls returns: ``setup`` (with the machine),
+    ``seconds`` (name -> list of seconds per call), ``median``, ``spread`` (interquartile range / median) and
+    ``tokens_per_s`` of the ``generate`` names; the caller adds its ``ratios``."""
     medians = {name: median(ts) for name, ts in seconds.items()}
-    tokens_per_s = {name: new_tokens / medians[name] for name in generate}
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
     return {
-        "setup": {
-            "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "batch": batch,
-            "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "mixing": mixing, "repeats": repeats,
-            "warmup": warmup, "dtype": "float32", "attn_implementation": "sdpa",
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        },
+        "setup": {**setup, "machine": machine},
         "seconds": seconds,
         "median": medians,
         "spread": {name: spread(ts) for name, ts in seconds.items()},
-        "tokens_per_s": tokens_per_s,
-        "ratios": {
-            "train_installed_over_stock": medians["train_installed"] / medians["train_stock"],
-            "generate_folded_over_stock": tokens_per_s["generate_folded"] / tokens_per_s["generate_stock"],
-            "generate_installed_over_stock": tokens_per_s["generate_installed"] / tokens_per_s["generate_stock"],
-        },
+        "tokens_per_s": {name: new_tokens / medians[name] for name in generate},
     }
 
 

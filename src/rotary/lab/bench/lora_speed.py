@@ -9,14 +9,12 @@ own initialisation draws from the global RNG, then is overwritten).
 from __future__ import annotations
 
 import copy
-import os
-import platform
 
 import torch
 
 import rotary
 from rotary.lab.bench.hf_speed import QUICK as HF_QUICK
-from rotary.lab.bench.hf_speed import generate_call, tiny_llama, train_step
+from rotary.lab.bench.hf_speed import generate_call, summary, tiny_llama, train_step
 from rotary.lab.bench.rows import Row, ratio_row, time_rows
 from rotary.lab.bench.timing import median, spread, time_interleaved
 
@@ -104,26 +102,19 @@ def measure(
                 for name, model in (("generate_merged", merged), ("generate_folded", folded))}
     seconds.update(time_interleaved(generate, device=device, repeats=repeats, warmup=warmup))
 
-    medians = {name: median(ts) for name, ts in seconds.items()}
-    tokens_per_s = {name: new_tokens / medians[name] for name in generate}
-    return {
-        "setup": {
-            "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "batch": batch,
-            "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "r": r, "target_modules": list(TARGET_MODULES),
-            "mixing": mixing, "repeats": repeats, "warmup": warmup, "dtype": "float32", "attn_implementation": "sdpa",
-            "trainable": trainable,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-                       f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        },
-        "seconds": seconds,
-        "median": medians,
-        "spread": {name: spread(ts) for name, ts in seconds.items()},
-        "tokens_per_s": tokens_per_s,
-        "ratios": {
-            "train_installed_over_lora": medians["train_installed"] / medians["train_lora"],
-            "generate_folded_over_merged": tokens_per_s["generate_folded"] / tokens_per_s["generate_merged"],
-        },
+    setup = {
+        "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads, "vocab": vocab, "batch": batch,
+        "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "r": r, "target_modules": list(TARGET_MODULES),
+        "mixing": mixing, "repeats": repeats, "warmup": warmup, "dtype": "float32", "attn_implementation": "sdpa",
+        "trainable": trainable,
     }
+    result = summary(setup, seconds, generate, new_tokens)
+    medians, tokens_per_s = result["median"], result["tokens_per_s"]
+    result["ratios"] = {
+        "train_installed_over_lora": medians["train_installed"] / medians["train_lora"],
+        "generate_folded_over_merged": tokens_per_s["generate_folded"] / tokens_per_s["generate_merged"],
+    }
+    return result
 
 
 def suite(*, quick: bool, device: torch.device, seed: int, repeats: int | None, log) -> list[Row]:
