@@ -38,7 +38,8 @@ import os
 
 from torch import nn
 
-from ..install import Install, InstallOptions, find, is_adapter_layer
+from ..install import Install, InstallOptions, find, is_adapter_layer, is_training_wrapper
+from . import causal
 
 __all__ = ["OPTIONS_FILE", "SUPPORTED", "install", "install_for_adapter", "is_peft_model"]
 
@@ -70,8 +71,6 @@ def install(peft_model: nn.Module, **options) -> nn.Module:
     installed before PEFT wrapped it takes none (its install's options stand). Raises TypeError for a model the
     causal-LM install refuses, RuntimeError for other misuse; in every case the model is left as it was.
     """
-    from . import causal
-
     set_additional_trainable_modules = _require_peft()
     kinds = {name: str(getattr(c.peft_type, "value", c.peft_type)) for name, c in peft_model.peft_config.items()}
     other = {name: kind for name, kind in kinds.items() if kind not in SUPPORTED}
@@ -111,8 +110,6 @@ def install(peft_model: nn.Module, **options) -> nn.Module:
 
 
 def _trained_with_peft(record: Install) -> bool:
-    from ..install import is_training_wrapper
-
     return any(is_training_wrapper(p.parent._modules.get(p.name)) for p in record.rotaries)
 
 
@@ -174,8 +171,6 @@ def install_for_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Modul
     Refuses, naming expected and found, an adapter without the options file, one whose rotary tensors are not the
     ones that install has, and a model that already has another install; the model is then left as it was.
     """
-    from . import causal
-
     folder = os.fspath(folder)
     path = os.path.join(folder, OPTIONS_FILE)
     if not os.path.exists(path):
@@ -191,8 +186,8 @@ def install_for_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Modul
     elif record.options.to_dict() != options.to_dict():
         raise ValueError(f"{folder}: the adapter was trained with the rotary install {options.to_dict()}, but this "
                          f"model has {record.options.to_dict()} installed; call rotary.hf.uninstall(model) first")
-    names = {id(m): n for n, m in model.named_modules()}
-    expected = sorted(f"{names[id(p.rotary)]}.{k}" for p in record.rotaries for k in p.rotary.state_dict())
+    home = next(n for n, m in model.named_modules() if m is record.home[0])  # the base model: "model"
+    expected = sorted(f"{home}.{k}".lstrip(".") for k in record.rotary_keys().get("", []))
     found = _adapter_rotary_keys(folder)
     if found != expected:
         if installed_here:

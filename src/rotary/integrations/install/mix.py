@@ -2,12 +2,13 @@
 
 Shapes: D head_dim, H heads, C input width.
 
-``InstallOptions.mix_on`` picks one of two implementations: ``"weights"`` (:class:`MixedWeights`, the projection's
-forward computes ``F.linear(x, P W, P b)`` per head: nothing on the activations) or ``"activations"``
-(:class:`MixedOutput`, a forward hook multiplies the module's output by P per head: any module, a LoRA or quantised
-projection, or a per-head norm that P must follow). The Whisper hosts apply P in the Rotary itself (``R(m) P x``).
-:func:`prepare_fold_into` is the fold of one Rotary (:class:`rotary.fold.Foldable`), for the installs and the
-reference decoder alike. Another way to apply P (a fused qkv projection) is another class here, nothing else.
+Two implementations: :class:`MixedWeights` (a plain ``nn.Linear``'s forward computes ``F.linear(x, P W, P b)`` per
+head: nothing on the activations; ``InstallOptions.mix_on="weights"``) and :class:`MixedOutput` (a forward hook
+multiplies the module's output by P per head: any module, an adapter-wrapped or quantised projection, or a
+per-head norm that P must follow; ``mix_on="activations"``, and wherever the weights cannot carry P). Both take
+the output ``rows`` P acts on (a fused qkv projection: the query and key rows). The Whisper hosts apply P in the
+Rotary itself (``R(m) P x``). :func:`fold_rows` is the fold the install record carries out;
+:func:`prepare_fold_into` the fold of one Rotary into plain projections, for the reference decoder.
 """
 
 from __future__ import annotations

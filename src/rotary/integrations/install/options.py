@@ -40,7 +40,8 @@ class InstallOptions:
             tokens: the original module's placement).
         learned_positions: the host's learned absolute table is still added (Whisper hosts).
         per_layer: one P per attention instead of one shared by all (Hugging Face causal LMs).
-        mix_on: how P is applied: ``"weights"`` (the q/k projection computes ``F.linear(x, P W, P b)``) or
+        mix_on: how P is applied: ``"weights"`` (a plain ``nn.Linear`` q/k projection computes
+            ``F.linear(x, P W, P b)``; any other projection, adapter-wrapped or quantised, gets P on its output) or
             ``"activations"`` (P multiplies the projections' outputs, or the Rotary applies ``R(m) P x`` itself
             where the host calls it on q and k, as both Whisper installs do). The same function and tensors
             either way: a state_dict of one loads into the other.
