@@ -50,7 +50,7 @@ from ...core.module import Rotary
 from ...core.options import RotaryOptions
 from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, describe, find, flag
 from ._common import forget, recorded, require_transformers
-from .stock import FoldAngles, Registered, per_layer_type
+from .stock import FoldAngles, per_layer_type
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
 
@@ -336,8 +336,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         sources = {None: angles_placed.current} if angles_placed is not None else {}
         if type_rotaries:  # at <base>.rotary_emb.rotary.<layer type>: their state_dict keys have a "rotary" part
             holder = nn.ModuleDict()
-            rotary_emb.rotary = holder
-            record.keep(Registered(rotary_emb, "rotary", holder))
+            record.add_module(rotary_emb, "rotary", holder)
             sources = {t: record.add_rotary(rot, holder, name=t).current for t, rot in type_rotaries.items()}
         record.attach(base)
         for p, owned in placed:

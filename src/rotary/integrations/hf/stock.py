@@ -20,7 +20,7 @@ frequency 0 (p-RoPE: no finite longrope factor), ``dynamic`` with an original le
 ``rotary_emb`` built from it must give the Rotary's cos/sin (within 1e-4), in the short and the long regime.
 
 Per-layer-type configs (Gemma 3): :func:`per_layer_type` reads them, and the install keeps one Rotary per type in
-a ModuleDict at ``rotary_emb.rotary`` (:class:`Registered`: the record deletes it on removal).
+a ModuleDict at ``rotary_emb.rotary`` (registered by the install record, which deletes it on removal).
 
 Shapes: r rotary_dim, r/2 the rotated pairs; cos/sin ``(B, T, r)``.
 """
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ...core.module import Rotary
 
-__all__ = ["FoldAngles", "Registered", "per_layer_type", "rebuild", "stock_rope_parameters"]
+__all__ = ["FoldAngles", "per_layer_type", "rebuild", "stock_rope_parameters"]
 
 _TRANSFORMERS_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
 _TOLERANCE = 1e-4  # transformers forms cos/sin from float32 frequencies, rotary from float64 ones
@@ -104,18 +104,6 @@ def per_layer_type(params: dict) -> dict[str, dict] | None:
         types = {k: dict(v) for k, v in params.items() if v is not None}
         return types or None
     return None
-
-
-class Registered:
-    """A container the install registered at ``parent.<name>`` (the per-layer-type Rotaries' ModuleDict), deleted
-    when the record is removed (an install record change: ``undo``)."""
-
-    def __init__(self, parent: nn.Module, name: str, module: nn.Module):
-        self.parent, self.name, self.module = parent, name, module
-
-    def undo(self) -> None:
-        if self.parent._modules.get(self.name) is self.module:
-            delattr(self.parent, self.name)
 
 
 def _new_rotary_emb(rotary_emb: nn.Module, config) -> nn.Module:

@@ -57,6 +57,16 @@ class _Attribute:
             delattr(self.obj, self.name)  # the class's own (forward, generate, ...) shows through again
 
 
+class _Registered:
+    """A module an install registered at ``parent.<name>``."""
+
+    def __init__(self, parent: nn.Module, name: str, module: nn.Module):
+        self.parent, self.name, self.module = parent, name, module
+
+    def undo(self) -> None:
+        _unregister(self.parent, self.name, self.module)
+
+
 class _Hook:
     """A hook an install registered, by the handle its ``register_*`` call returned."""
 
@@ -155,9 +165,12 @@ class Install(nn.Module):
         self.forward_pre_hook(parent, self._sync_hook)
         self._mirror()
 
-    def keep(self, change) -> None:
-        """Keep a change the host made itself (an object with ``undo()``), undone by :meth:`remove`."""
-        self.changes.append(change)
+    def add_module(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        """Register a module of the install that is not a Rotary (a container of Rotaries) at ``parent.<name>``,
+        deleted by :meth:`remove`."""
+        _free(parent, name)
+        setattr(parent, name, module)
+        self.changes.append(_Registered(parent, name, module))
 
     def set_attribute(self, obj, name: str, value) -> None:
         """Set an instance attribute of a host object (e.g. a replaced ``forward``), restored by :meth:`remove`."""
