@@ -44,6 +44,41 @@ def test_planes_are_disjoint_distinct_and_never_a_rope_pair(D, pairs):
         assert not any(frozenset(p) in rope for p in planes)
 
 
+@pytest.mark.parametrize("D, r", [(16, 8), (16, 4), (16, 2), (32, 12), (10, 6), (64, 16)])
+@pytest.mark.parametrize("pairs", [INTERLEAVED, HALF])
+def test_planes_under_partial_rotary_each_touch_a_rotated_channel(D, r, pairs):
+    """A plane of two pass-through channels commutes with RoPE and cancels between q and k: none may exist, and
+    every plane acts (P R(m) != R(m) P for the plane's rotation at a generic angle)."""
+    planes = default_planes(D, pairs(r))
+    assert len(planes) == min(D // 2, r)
+    flat = [c for p in planes for c in p]
+    assert len(set(flat)) == len(flat)
+    rope = {frozenset(p) for p in pairs(r)}
+    for i, j in planes:
+        assert i < r or j < r, (i, j)
+        assert frozenset((i, j)) not in rope
+    R = torch.eye(D, dtype=torch.float64)  # RoPE at position 1, frequencies 1, 1/2, 1/3, ... (none equal)
+    for k, (a, b) in enumerate(pairs(r)):
+        t = torch.tensor(1.0 / (k + 1), dtype=torch.float64)
+        R[a, a], R[a, b], R[b, a], R[b, b] = t.cos(), -t.sin(), t.sin(), t.cos()
+    for plane in planes:
+        G = givens_matrix_reference(torch.tensor([plane]), torch.tensor([0.7]), D)
+        assert (G @ R - R @ G).abs().max() > 1e-3, plane
+
+
+def test_a_state_dict_brings_its_own_number_of_planes():
+    """Checkpoints of versions that kept head_dim // 2 planes under partial rotary load as they were."""
+    old = GivensMixing(16, HALF(4))
+    new = GivensMixing(16, HALF(4))
+    assert new.planes.shape == (4, 2)
+    state = {"planes": torch.tensor([(2 * k, 2 * k + 1) for k in range(8)]), "angles": torch.randn(8)}
+    new.load_state_dict(state)
+    expected = givens_matrix_reference(state["planes"], state["angles"], 16)
+    torch.testing.assert_close(new.matrix(torch.float64), expected, atol=1e-12, rtol=0)
+    new.reset_parameters()  # back to today's planes
+    assert torch.equal(new.planes, old.planes) and torch.equal(new.matrix(), torch.eye(16))
+
+
 def test_planes_do_not_use_the_global_rng():
     torch.manual_seed(0)
     a = GivensMixing(64, INTERLEAVED(64)).planes

@@ -59,19 +59,32 @@ class _Mixing(nn.Module):
 
 
 def default_planes(head_dim: int, rope_pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """head_dim // 2 disjoint planes (i, j), i != j, none equal to a RoPE pair, fixed for a given layout.
+    """Disjoint planes (i, j), i != j, none equal to a RoPE pair and none wholly in the pass-through channels,
+    fixed for a given layout: head_dim // 2 of them, or, where RoPE rotates fewer than half the channels (partial
+    rotary), one per rotated channel.
 
-    A plane equal to a RoPE pair would commute with RoPE and only add a constant phase that cancels between q and
-    k, so such planes are avoided. Among valid choices, one whose partner is a strided view is taken, so that
-    ``x[..., partner]`` needs no gather: the halves ``(i, i + head_dim // 2)`` (valid in the interleaved layout),
-    else neighbours ``(2k, 2k + 1)`` (valid in the half layout). Where both meet a RoPE pair (tiny or odd
-    partial layouts), a shuffle by Python's ``random.Random`` with a fixed seed (never the global RNG). Which
-    planes a module uses is stored in its state_dict, so checkpoints keep theirs whatever this returns.
+    A plane equal to a RoPE pair commutes with RoPE and only adds a constant phase that cancels between q and k; a
+    plane of two pass-through channels commutes with RoPE too (RoPE is the identity there). Either would be a
+    learned angle that cannot change an output, so such planes are avoided. Among valid choices, one whose partner
+    is a strided view is taken, so that ``x[..., partner]`` needs no gather: the halves ``(i, i + head_dim // 2)``
+    (valid in the interleaved layout), else neighbours ``(2k, 2k + 1)`` (valid in the half layout); with fewer
+    rotated channels r than half the head, ``(i, r + i)``. Where none is valid (tiny or odd partial layouts), a
+    shuffle by Python's ``random.Random`` with a fixed seed (never the global RNG). Which planes a module uses is
+    stored in its state_dict, so checkpoints keep theirs whatever this returns.
     """
     avoid = {frozenset(p) for p in rope_pairs}
+    rotated = {c for p in rope_pairs for c in p} or set(range(head_dim))
+
+    def valid(planes) -> bool:
+        return not any(frozenset(p) in avoid or not set(p) & rotated for p in planes)
+
     h = head_dim // 2
+    if len(rotated) < h:  # each plane needs a rotated channel: one plane per rotated channel, with a passing one
+        r = sorted(rotated)
+        passing = [c for c in range(head_dim) if c not in rotated]
+        return [(min(i, j), max(i, j)) for i, j in zip(r, passing)]
     for planes in ([(i, i + h) for i in range(h)], [(2 * k, 2 * k + 1) for k in range(h)]):
-        if not any(frozenset(p) in avoid for p in planes):
+        if valid(planes):
             return planes
     rng = random.Random(_PLANE_SEED)
     channels = list(range(head_dim))
@@ -79,20 +92,21 @@ def default_planes(head_dim: int, rope_pairs: list[tuple[int, int]]) -> list[tup
     for _ in range(1000):
         rng.shuffle(channels)
         planes = [(channels[2 * k], channels[2 * k + 1]) for k in range(h)]
-        if not any(frozenset(p) in avoid for p in planes):
+        if valid(planes):
             break
     # head_dim 2 has a single possible plane, which is the RoPE pair itself: keep it (harmless, never useful).
     return sorted((min(p), max(p)) for p in planes)
 
 
 class GivensMixing(_Mixing):
-    """Product of head_dim // 2 plane rotations on disjoint planes, one learnable angle each.
+    """Product of plane rotations on disjoint planes (:func:`default_planes`), one learnable angle each.
 
     Plane k maps ``(x_i, x_j) -> (cos t x_i - sin t x_j, sin t x_i + cos t x_j)``. Because the planes are
     disjoint, ``P x = c * x + s * x[partner]`` with per-channel vectors c, s and the partner involution: applying
     P costs two elementwise passes and a gather, not a dense matmul.
 
-    Buffers: ``planes`` ``(head_dim // 2, 2)`` long (persistent). Parameters: ``angles`` ``(head_dim // 2,)``.
+    Buffers: ``planes`` ``(N, 2)`` long (persistent). Parameters: ``angles`` ``(N,)``; N = head_dim // 2, or the
+    number of rotated channels where that is smaller. A state_dict brings its own planes (and their number).
     """
 
     def __init__(self, head_dim: int, rope_pairs: list[tuple[int, int]]):
@@ -101,13 +115,29 @@ class GivensMixing(_Mixing):
             raise ValueError(f"givens mixing needs head_dim >= 2, got {head_dim}")
         self.head_dim = head_dim
         self._rope_pairs = rope_pairs
-        self.register_buffer("planes", torch.tensor(default_planes(head_dim, rope_pairs), dtype=torch.long))
-        self.angles = nn.Parameter(torch.zeros(head_dim // 2))
+        planes = default_planes(head_dim, rope_pairs)
+        self.register_buffer("planes", torch.tensor(planes, dtype=torch.long))
+        self.angles = nn.Parameter(torch.zeros(len(planes)))
 
     def reset_parameters(self) -> None:
+        planes = torch.tensor(default_planes(self.head_dim, self._rope_pairs), device=self.planes.device)
+        if planes.shape != self.planes.shape:
+            self._resize(len(planes))
         with torch.no_grad():
-            self.planes.copy_(torch.tensor(default_planes(self.head_dim, self._rope_pairs)))
+            self.planes.copy_(planes)
             self.angles.zero_()
+
+    def _resize(self, n: int) -> None:
+        self.planes = torch.zeros(n, 2, dtype=torch.long, device=self.planes.device)
+        self.angles = nn.Parameter(self.angles.new_zeros(n), requires_grad=self.angles.requires_grad)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        # a checkpoint's planes define its P, however many it has (versions before 0.3 kept head_dim // 2 planes,
+        # some wholly in pass-through channels, where partial rotary turns fewer than half the channels)
+        planes = state_dict.get(prefix + "planes")
+        if isinstance(planes, Tensor) and planes.dim() == 2 and planes.shape != self.planes.shape:
+            self._resize(planes.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def coefficients(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """``(c, s, partner)``, each ``(head_dim,)``, with ``P x = c * x + s * x[..., partner]``."""
@@ -143,7 +173,7 @@ class GivensMixing(_Mixing):
         return P.index_put((torch.arange(self.head_dim, device=c.device), partner), s, accumulate=True)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, planes={self.head_dim // 2}"
+        return f"head_dim={self.head_dim}, planes={self.planes.shape[0]}"
 
 
 class QuaternionMixing(_Mixing):
