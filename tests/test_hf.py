@@ -428,7 +428,7 @@ def test_bad_input_is_refused_and_leaves_nothing_behind():
 
 def test_models_without_their_own_qk_rope_are_refused():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
-    with pytest.raises(TypeError, match="model.model.layers.*got GPT2LMHeadModel"):
+    with pytest.raises(TypeError, match="layer list and a rotary_emb.*got GPT2LMHeadModel"):
         rotary.hf.install(gpt2)
 
 

@@ -40,7 +40,6 @@ frequencies on dynamic NTK) are refused, naming why, before anything changes.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -48,8 +47,9 @@ from torch import Tensor, nn
 
 from ...core.module import Rotary
 from ...core.options import RotaryOptions
-from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, describe, find, flag
+from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, find, flag
 from ._common import forget, recorded, require_transformers
+from .layouts import Attention, Geometry, Pairing, find_attentions, language_model, rope_pairing
 from .stock import FoldAngles, per_layer_type
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
@@ -59,15 +59,17 @@ _TAKEN_FROM_MODEL = ("base", "rotary_dim", "interleaved", "dims", "heads")
 
 
 class _RotaryEmbeddingForward:
-    """``rotary_emb.forward`` returning the Rotary's cos/sin ``(B, T, rotary_dim)``, half layout, in x's dtype.
+    """``rotary_emb.forward`` returning the Rotary's cos/sin ``(B, T, rotary_dim)`` in x's dtype, laid out as the
+    host's own (``cos_layout``: ``"half"`` ``cat(f, f)``, ``"interleaved"`` ``repeat_interleave(f, 2)``, or
+    ``"complex"``: ``freqs_cis = cos + i sin``, ``(B, T, rotary_dim / 2)``).
 
     ``rotary``: the Rotary in use (a callable: the installed one, or the adapter's copy that PEFT trains), or, for
     per-layer-type ``rope_parameters`` (Gemma 3), a dict of them by layer type, which ``layer_type`` selects."""
 
-    def __init__(self, rotary: Callable[[], Rotary] | dict[str, Callable[[], Rotary]]):
-        self.source = rotary
+    def __init__(self, rotary: Callable[[], Rotary] | dict[str, Callable[[], Rotary]], cos_layout: str = "half"):
+        self.source, self.cos_layout = rotary, cos_layout
 
-    def __call__(self, x: Tensor, position_ids: Tensor, layer_type=None) -> tuple[Tensor, Tensor]:
+    def __call__(self, x: Tensor, position_ids: Tensor, layer_type=None):
         if isinstance(self.source, dict):
             if layer_type not in self.source:
                 raise ValueError(f"rotary computes the angles of layer types {sorted(self.source)}, got "
@@ -82,99 +84,64 @@ class _RotaryEmbeddingForward:
         # whole batch: the same here (a tensor, so no host sync and nothing for torch.compile to guard on)
         length = position_ids.amax() + 1 if scaling is not None and scaling.depends_on_length else None
         cos, sin = rotary.cos_sin(position_ids, length=length)  # (B, T, r/2) float32
-        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)  # (B, T, r): rotate_half's layout
+        if self.cos_layout == "complex":  # Llama 4, DeepSeek V2: freqs_cis, the attention factor in its modulus
+            return torch.complex(cos, sin).to(x.device)
+        if self.cos_layout == "interleaved":  # (B, T, r): Cohere's repeat_interleave
+            cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        else:  # (B, T, r): rotate_half's cat
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         return cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
 
 
 # --------------------------------------------------------------------------------------------- inspection
-class _Attention:
-    """What :func:`_inspect` found in one attention module: it, where P acts on its projections (``(name, rows)``:
-    ``q_proj`` and ``k_proj``, or the query and key rows of a fused ``qkv_proj``), whether q/k norms follow."""
+class _Host:
+    """What :func:`_inspect` found: the language model (``base``, holding the layers and ``rotary_emb``), its RoPE
+    attentions (:class:`Attention`), their head geometry and the host's RoPE pairing."""
 
-    def __init__(self, index: int, module: nn.Module, targets: list[tuple[str, slice | None]], norms: bool):
-        self.index, self.module, self.targets, self.norms = index, module, targets, norms
+    def __init__(self, base: nn.Module, rotary_emb: nn.Module, attentions: list[Attention], geometry: Geometry,
+                 pairing: Pairing, config):
+        self.base, self.rotary_emb, self.attentions, self.geometry, self.pairing = (base, rotary_emb, attentions,
+                                                                                    geometry, pairing)
+        self.config = config
+
+    @property
+    def heads(self) -> int:
+        return self.geometry.heads
+
+    @property
+    def head_dim(self) -> int:
+        """The width of the part of a head that RoPE sees, and P acts on (the RoPE slice of latent attention)."""
+        return self.geometry.rope_dim
 
 
-def _outputs(module) -> int | None:
-    """A projection's output width: an nn.Linear's, or that of what an adapter or quantisation wraps."""
-    width = getattr(module, "out_features", None)
-    return width if isinstance(module, nn.Module) and isinstance(width, int) else None
-
-
-def _inspect(model: nn.Module):
-    """The base model, its attentions and geometry; raises, naming what it found, for models it cannot handle."""
+def _inspect(model: nn.Module) -> _Host:
+    """The language model, its RoPE attentions, geometry and pairing; raises TypeError, naming what it found, for
+    models it cannot handle (see :mod:`rotary.hf.layouts`)."""
     config = getattr(model, "config", None)
     kind = f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})"
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    if config is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+    base = language_model(model)
+    if config is None or base is None or len(base.layers) == 0:
         raise TypeError(
-            f"rotary.hf.install expects a transformers causal LM with a decoder layer list at model.model.layers "
-            f"(Llama, Mistral, Qwen2, Qwen3, Gemma, ...), got {kind}"
+            f"rotary.hf.install expects a transformers decoder with a layer list and a rotary_emb module computing "
+            f"RoPE's cos/sin (at model.model, or model.model.language_model for vision-language models), got {kind}"
         )
-    rotary_emb = getattr(base, "rotary_emb", None)
-    if not isinstance(rotary_emb, nn.Module):
-        raise TypeError(
-            f"{kind} has no rotary_emb module computing RoPE's cos/sin (its base model has "
-            f"{sorted(base._modules)}): rotary.hf.install handles models that apply their own RoPE"
-        )
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    attentions, head_dim = [], None
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        where = f"{kind}, layer {i}"
-        if not isinstance(attn, nn.Module):
-            raise TypeError(f"{where}: no self_attn module (found {sorted(layer._modules)})")
-        q, k, qkv = (getattr(attn, n, None) for n in ("q_proj", "k_proj", "qkv_proj"))
-        found = {n: describe(m) for n, m in attn._modules.items()}
-        if _outputs(q) is not None and _outputs(k) is not None:
-            widths, fused = (_outputs(q), _outputs(k)), False
-        elif q is None and k is None and _outputs(qkv) is not None:  # Phi-3: queries, keys, values in one
-            widths, fused = (_outputs(qkv),), True
-        else:
-            raise TypeError(
-                f"{where}: {type(attn).__name__} has neither q_proj/k_proj projections nor a fused qkv_proj (found "
-                f"{found}): rotary puts P on the query and key projections"
-            )
-        if "position_embeddings" not in inspect.signature(attn.forward).parameters:
-            raise TypeError(
-                f"{where}: {type(attn).__name__}.forward takes no position_embeddings (the model's cos/sin), so it "
-                f"does not apply the model's RoPE as rotary.hf expects"
-            )
-        d = getattr(attn, "head_dim", None)
-        if not isinstance(d, int) or head_dim not in (None, d):
-            raise TypeError(f"{where}: head_dim {d!r}, expected an int equal in every layer ({head_dim})")
-        head_dim = d
-        if fused:
-            if widths[0] != (heads + 2 * kv_heads) * d:
-                raise TypeError(f"{where}: qkv_proj has {widths[0]} outputs, expected ({heads} + 2 x {kv_heads}) x {d}")
-            targets = [("qkv_proj", slice(0, (heads + kv_heads) * d))]  # the query rows, then the key rows
-        elif widths != (heads * d, kv_heads * d):
-            raise TypeError(
-                f"{where}: q_proj/k_proj have {widths[0]}/{widths[1]} outputs, expected "
-                f"{heads} x {d} / {kv_heads} x {d} (num_attention_heads/num_key_value_heads x head_dim)"
-            )
-        else:
-            targets = [("q_proj", None), ("k_proj", None)]
-        norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
-        if (norms[0] is None) != (norms[1] is None):
-            raise TypeError(f"{where}: {type(attn).__name__} has only one of q_norm/k_norm")
-        if norms[0] is not None:
-            for norm in norms:
-                weight = getattr(norm, "weight", None)
-                if not isinstance(weight, Tensor) or weight.numel() % d != 0:
-                    raise TypeError(
-                        f"{where}: {type(norm).__name__} between the projections and RoPE is not a per-head norm "
-                        f"with a weight of a multiple of head_dim={d} entries (weight {getattr(weight, 'shape', None)})"
-                    )
-        attentions.append(_Attention(i, attn, targets, norms[0] is not None))
-    return base, rotary_emb, attentions, heads, head_dim
+    text_config = getattr(base, "config", None) or config
+    attentions = find_attentions(base, text_config, kind)
+    geometry = attentions[0].geometry
+    layer_type = _first_layer_type(text_config)
+    try:
+        pairing = rope_pairing(attentions[0].module, base.rotary_emb, geometry, text_config, layer_type)
+    except TypeError as error:
+        raise TypeError(f"{kind}: {error}; rotary must know the pairs RoPE rotates, or P could cancel between q "
+                        f"and k") from None
+    return _Host(base, base.rotary_emb, attentions, geometry, pairing, text_config)
 
 
-def _rotary_dim(rotary_emb: nn.Module, head_dim: int) -> int:
-    inv_freq = getattr(rotary_emb, "inv_freq", None)
-    return 2 * inv_freq.numel() if isinstance(inv_freq, Tensor) else head_dim
+def _first_layer_type(config) -> str | None:
+    """A layer type to ask a per-layer-type ``rotary_emb`` for (Gemma 3's takes one), or None."""
+    params = getattr(config, "rope_parameters", None)
+    types = per_layer_type(dict(params or {}), getattr(config, "layer_types", None))
+    return next(iter(types)) if types else None
 
 
 def _rope_parameters(config) -> tuple[dict, float | None]:
@@ -207,10 +174,11 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     angles = learned_freq or scaling is not None
     if mixing is None and not angles:
         raise ValueError("nothing to install: mixing=None and no option that changes the angles")
-    _, _, _, heads, head_dim = _inspect(model)
-    params, theta = _rope_parameters(model.config)
-    rotary_dim = _rotary_dim(getattr(model, "base_model", model).rotary_emb, head_dim)
-    geometry = {"base": theta, "interleaved": False, "rotary_dim": rotary_dim}  # P's planes avoid the model's pairs
+    host = _inspect(model)
+    heads, head_dim, rotary_dim = host.heads, host.head_dim, host.pairing.rotary_dim
+    params, theta = _rope_parameters(host.config)
+    # the host's pairing: P's planes avoid its rotated pairs and its pass-through channels
+    geometry = {"base": theta, "interleaved": host.pairing.interleaved, "rotary_dim": rotary_dim}
     if angles and per_layer_type(params):
         if scaling is not None:
             raise ValueError(
@@ -238,14 +206,14 @@ def _changes_angles(options: RotaryOptions) -> bool:
     return options.learned_freq or options.scaling is not None
 
 
-def _check_record(options: InstallOptions, model: nn.Module, heads: int, head_dim: int) -> None:
-    """A recorded install must fit this model (a config.rotary written for another one must not install)."""
+def _check_record(options: InstallOptions, host: _Host) -> None:
+    """A recorded install must fit this model (a record written for another one must not install)."""
     if not isinstance(options, InstallOptions):
         raise TypeError(f"options must be an InstallOptions, got {type(options).__name__}")
     r = options.rotary
-    _, theta = _rope_parameters(model.config)
-    rotary_dim = _rotary_dim(getattr(model, "base_model", model).rotary_emb, head_dim)
-    want = {"dims": heads * head_dim, "heads": heads, "interleaved": False, "rotary_dim": rotary_dim}
+    _, theta = _rope_parameters(host.config)
+    want = {"dims": host.heads * host.head_dim, "heads": host.heads, "interleaved": host.pairing.interleaved,
+            "rotary_dim": host.pairing.rotary_dim}
     if not _changes_angles(r):
         want["base"] = float(theta) if theta is not None else 10000.0
     found = {k: getattr(r, k) for k in want}
@@ -280,9 +248,10 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         options = install_options(model, **kwargs)
     elif kwargs:
         raise TypeError(f"pass either options= or keyword options, not both (got {sorted(kwargs)})")
-    base, rotary_emb, attentions, heads, head_dim = _inspect(model)
-    _check_record(options, model, heads, head_dim)
-    config = model.config
+    host = _inspect(model)
+    _check_record(options, host)
+    base, rotary_emb, attentions, config = host.base, host.rotary_emb, host.attentions, model.config
+    cos_layout = host.pairing.cos_layout
     if find(base) is not None:
         raise RuntimeError(
             f"a rotary is already installed in this model ({recorded(config)}): call rotary.hf.uninstall(model) first"
@@ -298,21 +267,22 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     # Build everything first: nothing below fails on options, and the model is untouched until the record acts.
     device = next(attentions[0].module.parameters()).device
     angle_rotary, type_rotaries = None, {}  # the Rotary computing the angles, or one per layer type (Gemma 3)
-    types = per_layer_type(_rope_parameters(config)[0]) if angles else None
+    in_use = getattr(host.config, "layer_types", None)  # a type no layer has gets no angles from transformers
+    types = per_layer_type(_rope_parameters(host.config)[0], in_use) if angles else None
     if types:
         if r.scaling is not None:
             raise ValueError(f"these install options give one set of angles (scaling {r.scaling}), but the model "
                              f"has one rope_parameters per layer type ({sorted(types)})")
         for layer_type, params in types.items():  # each starts at its own type's angles
             rot = Rotary.from_options(dataclasses.replace(r, mixing=None, scaling=params, base=None)).to(device)
-            _check_angles(rotary_emb, rot, device, layer_type)
+            _check_angles(rotary_emb, rot, device, cos_layout, layer_type)
             type_rotaries[layer_type] = rot
         if hasattr(rotary_emb, "rotary"):
             raise RuntimeError(f"{type(rotary_emb).__name__} already has an attribute named 'rotary'")
     elif angles:
         angle_rotary = Rotary.from_options(dataclasses.replace(r, mixing=None) if options.per_layer else r).to(device)
-        if r.scaling == _rope_parameters(config)[0]:
-            _check_angles(rotary_emb, angle_rotary, device)
+        if r.scaling == _rope_parameters(host.config)[0]:
+            _check_angles(rotary_emb, angle_rotary, device, cos_layout)
     p_only = dataclasses.replace(r, learned_freq=False, scaling=None)
 
     def p_rotary():
@@ -350,24 +320,28 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
                     for name, rows in a.targets:
                         record.mix_projection(p, a.module, name, rows)
         if sources:
-            forward = _RotaryEmbeddingForward(sources.get(None, sources))  # one Rotary, or a dict by layer type
+            forward = _RotaryEmbeddingForward(sources.get(None, sources), cos_layout)  # one, or one per layer type
             record.replace_forward(rotary_emb, forward)
             # rotary.fold writes the angles as stock rope_parameters and rebuilds rotary_emb (rotary.hf.stock)
-            record.fold_angles = FoldAngles(config, rotary_emb, forward, sources)
+            record.fold_angles = FoldAngles(host.config, rotary_emb, forward, sources, base)
     except BaseException:
         record.remove()
         raise
     return model
 
 
-def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device, layer_type: str | None = None) -> None:
+def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device, cos_layout: str,
+                  layer_type: str | None = None) -> None:
     """The Rotary must reproduce the model's own cos/sin (of ``layer_type``) before its frequencies are learned."""
     positions = torch.arange(32, device=device).unsqueeze(0)  # (1, 32)
     x = torch.zeros(1, dtype=torch.float32, device=device)
     args, source = ((), lambda: rotary) if layer_type is None else ((layer_type,), {layer_type: lambda: rotary})
     with torch.no_grad():
-        cos, sin = rotary_emb(x, positions, *args)
-        mine = _RotaryEmbeddingForward(source)(x, positions, *args)
+        theirs = rotary_emb(x, positions, *args)
+        mine = _RotaryEmbeddingForward(source, cos_layout)(x, positions, *args)
+    if cos_layout == "complex":  # freqs_cis: compare its real and imaginary parts as cos and sin
+        theirs, mine = (theirs.real, theirs.imag), (mine.real, mine.imag)
+    cos, sin = theirs
     if cos.shape != mine[0].shape:
         raise ValueError(f"the model's rotary_emb gives cos of shape {tuple(cos.shape)}, rotary {tuple(mine[0].shape)}")
     error = max((cos - mine[0]).abs().max().item(), (sin - mine[1]).abs().max().item())

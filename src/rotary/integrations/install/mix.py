@@ -31,13 +31,23 @@ def plain_linear(module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
-def _mix_some_rows(tensor: Tensor, P: Tensor, rows: slice | None) -> Tensor:
+Rows = slice | Tensor | None
+"""The output rows of a projection P acts on, whole heads in order: all (None), a slice (a fused ``[q | k | v]``
+projection's query and key rows), or a long index tensor (rows grouped per head, ``[q k v]`` of each: GPT-NeoX;
+the RoPE slice of each head: latent attention)."""
+
+
+def _mix_some_rows(tensor: Tensor, P: Tensor, rows: Rows) -> Tensor:
     """Per head, P times ``tensor``'s rows (``(N, C)`` weight or ``(N,)`` bias) in ``rows`` (None: all), in P's
     dtype; the other rows (a fused projection's values) are left as they are."""
     if rows is None:
         return mix_rows(tensor, P)
-    part = mix_rows(tensor[rows], P)
-    return torch.cat((tensor[: rows.start].to(P.dtype), part, tensor[rows.stop:].to(P.dtype)))
+    if isinstance(rows, slice):
+        part = mix_rows(tensor[rows], P)
+        return torch.cat((tensor[: rows.start].to(P.dtype), part, tensor[rows.stop:].to(P.dtype)))
+    index = rows.to(tensor.device)
+    part = mix_rows(tensor.index_select(0, index), P)
+    return tensor.to(P.dtype).index_copy(0, index, part)
 
 
 class MixedWeights:
@@ -50,7 +60,7 @@ class MixedWeights:
     stay the projection's own.
     """
 
-    def __init__(self, linear: nn.Linear, rotary: Callable[[], Rotary], rows: slice | None = None):
+    def __init__(self, linear: nn.Linear, rotary: Callable[[], Rotary], rows: Rows = None):
         self.linear, self.rotary, self.rows = linear, rotary, rows  # plain references: registered elsewhere
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -72,12 +82,17 @@ class MixedOutput:
     quantised projection, a per-head norm). ``rotary``: a callable returning the Rotary in use.
     """
 
-    def __init__(self, rotary: Callable[[], Rotary], rows: slice | None = None):
+    def __init__(self, rotary: Callable[[], Rotary], rows: Rows = None):
         self.rotary, self.rows = rotary, rows
 
     def __call__(self, module: nn.Module, args, output: Tensor) -> Tensor:
         rotary, dtype = self.rotary(), compute_dtype(output.dtype)
-        part = output if self.rows is None else output[..., self.rows]
+        rows = self.rows
+        if isinstance(rows, Tensor):
+            rows = rows.to(output.device)
+            part = output.index_select(-1, rows)
+        else:
+            part = output if rows is None else output[..., rows]
         heads = part.unflatten(-1, (-1, rotary.head_dim)).to(dtype)  # (..., H, D)
         coefficients = getattr(rotary.mixer, "coefficients", None)
         if coefficients is not None:  # Givens: P x = c * x + s * x[partner], elementwise, O(D) per head
@@ -86,12 +101,14 @@ class MixedOutput:
         else:
             heads = heads @ rotary.mixing_matrix(dtype).to(output.device).T
         mixed = heads.to(output.dtype).flatten(-2)
-        if self.rows is None:
+        if rows is None:
             return mixed
-        return torch.cat((output[..., : self.rows.start], mixed, output[..., self.rows.stop:]), dim=-1)
+        if isinstance(rows, Tensor):
+            return output.index_copy(-1, rows, mixed)
+        return torch.cat((output[..., : rows.start], mixed, output[..., rows.stop:]), dim=-1)
 
 
-def fold_rows(P: Tensor, linears, rows: slice | None = None) -> None:
+def fold_rows(P: Tensor, linears, rows: Rows = None) -> None:
     """P (float64 ``(D, D)``) into the output ``rows`` (None: all) of each ``nn.Linear``'s weight and bias, in
     place, rounded once to their dtype."""
     with torch.no_grad():
