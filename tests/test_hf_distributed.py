@@ -87,7 +87,7 @@ def test_trainer_trains_checkpoints_and_resumes(tmp_path, processes):
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     assert (checkpoint / "model.safetensors").exists()
     config = json.loads((checkpoint / "config.json").read_text())
-    assert config["rotary"]["per_layer"] is True
+    assert config["rotary_install"]["per_layer"] is True
     resumed = _run(tmp_path, "resume", processes)
     angles = [k for k in straight[0] if k.endswith("rotary.mixer.angles")]
     assert len(angles) == 2 and all(straight[0][k].abs().max() > 0 for k in angles)  # the rotary trained

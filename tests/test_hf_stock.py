@@ -45,7 +45,8 @@ def ship(model, folder):
     assert not any("rotary" in name.split(".") for name, _ in model.named_modules())
     assert "forward" not in vars(model.model.rotary_emb)
     model.save_pretrained(folder)
-    assert "rotary" not in json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert "rotary_install" not in config and "rotary" not in config
     loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
         folder, output_loading_info=True, attn_implementation="eager"
     )
@@ -226,6 +227,64 @@ def test_gemma3_unfolded_reload_and_refused_scaling(tmp_path):
     with pytest.raises(ValueError, match="one rope_parameters per layer type.*ambiguous"):
         rotary.hf.install(stock, scaling=dict(LINEAR))
     assert stock.config.to_json_string() == before and rotary.hf.installed(stock) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, used",
+    [({"num_hidden_layers": 2, "layer_types": None}, "sliding_attention"),  # Gemma 3's pattern: 5 sliding, 1 full
+     ({"num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}, "full_attention")],
+    ids=["only-sliding", "only-full"],
+)
+def test_gemma3_learns_only_the_layer_types_it_has_and_folds_the_others_unchanged(overrides, used, tmp_path):
+    """transformers computes angles only for the layer types some layer has (asking its rotary_emb for another is a
+    KeyError): those are learned, and fold writes the unused type's rope_parameters as they were."""
+    stock = gemma3(**overrides)
+    assert set(stock.config.layer_types) == {used}
+    unused = ({"sliding_attention", "full_attention"} - {used}).pop()
+    original = copy.deepcopy(stock.config.rope_parameters)
+    ids = tokens(length=20)
+    learned = rotary.hf.install(copy.deepcopy(stock), learned_freq=True)
+    assert sorted(learned.model.rotary_emb.rotary) == [used]
+    assert max_diff(logits(learned, ids), logits(stock, ids)) <= 1e-5
+    model, ids, expected, greedy = trained(learned)
+    assert max_diff(expected, logits(stock, ids)) > 1e-3
+    loaded = ship(model, tmp_path)
+    params = model.config.rope_parameters
+    assert params[used]["rope_type"] == "longrope" and params[unused] == original[unused]
+    assert loaded.config.rope_parameters[unused] == original[unused]
+    assert_same(loaded, ids, expected, greedy)
+    assert_same(model, ids, expected, greedy)
+
+
+# --------------------------------------------------------------------------------------------- Granite SWA
+def granite_swa(model_type):
+    """A 2-layer GraniteSWA / GraniteMoeSWA: a full and a sliding-window layer; their attentions take the angles
+    from rotary_embs (one RotaryEmbedding per distinct layer_rope_theta), and rotary_emb goes unused."""
+    config = transformers.AutoConfig.for_model(
+        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, vocab_size=128, max_position_embeddings=256, sliding_window=6, initializer_range=0.1,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager",
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["granite_swa", "granitemoe_swa"])
+def test_granite_swa_learned_frequencies_the_model_does_not_use_are_refused_at_install(model_type):
+    """GraniteSWA's attentions take their angles from rotary_embs (one per theta), not from rotary_emb: learned
+    frequencies of rotary_emb could not act (and written as a longrope config, from_pretrained would build
+    rotary_embs from it: another model). Refused at install, naming the modules, with the model unchanged; P alone
+    installs and acts."""
+    stock = granite_swa(model_type)
+    assert [name for name, _ in stock.model.named_children() if "rotary" in name] == ["rotary_emb", "rotary_embs"]
+    model = copy.deepcopy(stock)
+    ids = tokens(length=20)
+    before, config = logits(model, ids), model.config.to_json_string()
+    with pytest.raises(ValueError, match=r"rotary_embs\.0.*could not act"):
+        rotary.hf.install(model, learned_freq=True)
+    assert torch.equal(logits(model, ids), before) and model.config.to_json_string() == config
+    assert rotary.hf.installed(model) is None
+    randomize(rotary.hf.install(model))
+    assert max_diff(logits(model, ids), before) > 1e-4
 
 
 # --------------------------------------------------------------------------------------------- PEFT

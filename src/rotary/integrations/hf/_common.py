@@ -1,11 +1,14 @@
 """What every Hugging Face integration of rotary shares: the optional import, and the install record in the config.
 
-An install writes its options into the model's config under :data:`CONFIG_KEY` (``config.rotary``, the JSON
-values of :meth:`rotary.integrations.install.InstallOptions.to_dict`; installs before that record existed wrote
-their keyword arguments, which :func:`rotary.hf.from_pretrained` still reads). ``model.save_pretrained`` and
+An install writes its options into the model's config under :data:`CONFIG_KEY` (``config.rotary_install``, the
+JSON values of :meth:`rotary.integrations.install.InstallOptions.to_dict`; installs before that record existed
+wrote their keyword arguments, which :func:`rotary.hf.from_pretrained` still reads). ``model.save_pretrained`` and
 Trainer checkpoints therefore carry them in ``config.json``, and :func:`rotary.hf.from_pretrained` reinstalls from
-them. Uninstalling, or folding everything away, deletes the
-record, so a stock model's config is left as it was.
+them. Uninstalling, or folding everything away, deletes the record, so a stock model's config is left as it was.
+
+Records of earlier versions sit at ``config.rotary`` (:data:`OLD_CONFIG_KEY`); they are read, and deleted by
+:func:`forget`, only where that field holds a dict: some hosts have a field of their own by that name (Falcon's
+boolean ``config.rotary``), which is never read, written or deleted.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from types import ModuleType
 
 from torch import Tensor
 
-__all__ = ["CONFIG_KEY", "forget", "read_tensors", "recorded", "require_transformers"]
+from ..install.record import CONFIG_KEY
 
-CONFIG_KEY = "rotary"
+__all__ = ["CONFIG_KEY", "OLD_CONFIG_KEY", "forget", "read_tensors", "recorded", "require_transformers"]
+
+OLD_CONFIG_KEY = "rotary"  # where earlier versions kept the record: a name hosts use too (Falcon: a bool)
 
 
 def require_transformers() -> ModuleType:
@@ -34,15 +39,23 @@ def require_transformers() -> ModuleType:
 
 
 def recorded(config) -> dict | None:
-    """The install options recorded in a transformers config (a copy), or None."""
+    """The install options recorded in a transformers config (a copy), or None: ``config.rotary_install``, or a
+    record of an earlier version at ``config.rotary`` (a dict; anything else there is the host's own field)."""
     options = getattr(config, CONFIG_KEY, None)
+    if options is None:
+        old = getattr(config, OLD_CONFIG_KEY, None)
+        options = old if isinstance(old, dict) else None
     return None if options is None else dict(sorted(options.items()))  # sorted, as config.json stores them
 
 
 def forget(config) -> None:
-    """Delete the install record from a transformers config, if any."""
-    if CONFIG_KEY in config.__dict__:
+    """Delete the install record from a transformers config, if any (an earlier version's at ``config.rotary``
+    too, where that is a dict); a host's own ``config.rotary`` stays."""
+    fields = vars(config)
+    if CONFIG_KEY in fields:
         delattr(config, CONFIG_KEY)
+    if isinstance(fields.get(OLD_CONFIG_KEY), dict):
+        delattr(config, OLD_CONFIG_KEY)
 
 
 def read_tensors(directory: str | os.PathLike, names: Iterable[str]) -> dict[str, Tensor]:

@@ -50,7 +50,7 @@ from ...core.options import RotaryOptions
 from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, find, flag
 from ._common import forget, recorded, require_transformers
 from .layouts import Attention, Geometry, Pairing, find_attentions, language_model, rope_pairing
-from .stock import FoldAngles, per_layer_type
+from .stock import FoldAngles, other_rope_modules, per_layer_type
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
 
@@ -179,6 +179,13 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     params, theta = _rope_parameters(host.config)
     # the host's pairing: P's planes avoid its rotated pairs and its pass-through channels
     geometry = {"base": theta, "interleaved": host.pairing.interleaved, "rotary_dim": rotary_dim}
+    others = other_rope_modules(host.base, host.rotary_emb) if angles else []
+    if others:
+        raise ValueError(
+            f"learned_freq/scaling change the angles of {type(host.rotary_emb).__name__} (rotary_emb), but this "
+            f"model's attentions take theirs from {others} as well: learned frequencies there could not act. Install P "
+            f"alone (mixing only), which acts before whatever RoPE module rotates"
+        )
     if angles and per_layer_type(params):
         if scaling is not None:
             raise ValueError(

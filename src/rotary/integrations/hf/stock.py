@@ -16,10 +16,16 @@ become the ``rope_parameters`` from which stock transformers computes the same c
 Not expressible, refused with ``ValueError`` naming why (the model unchanged): learned frequencies on ``dynamic``
 (transformers recomputes dynamic NTK's frequencies from the length alone, with no per-pair factor), pairs of
 frequency 0 (p-RoPE: no finite longrope factor), ``dynamic`` with an original length other than the config's
-``max_position_embeddings`` (transformers reads that one). Every result is checked before anything changes: a
-``rotary_emb`` built from it must give the Rotary's cos/sin (within 1e-4), in the short and the long regime.
+``max_position_embeddings`` (transformers reads that one). Every result is checked before anything changes,
+against what ``from_pretrained`` would build from it: the base model's class is built from the new config on the
+meta device, its RoPE modules (every module computing cos/sin from position ids: ``rotary_emb``, and any other,
+e.g. GraniteSWA's ``rotary_embs``, one per per-layer theta) get their buffers as from_pretrained gives them (the
+model's own ``_init_weights``), and each must give, for every layer type it computes, what the installed model's
+module at the same path gives (within 1e-4), in the short and the long regime. So angles that the model's
+attentions do not take from the installed ``rotary_emb`` are refused, not written.
 
-Per-layer-type configs (Gemma 3): :func:`per_layer_type` reads them, and the install keeps one Rotary per type in
+Per-layer-type configs (Gemma 3): :func:`per_layer_type` reads them (only the types some layer has: transformers
+computes no angles for the others, and fold writes those unchanged), and the install keeps one Rotary per type in
 a ModuleDict at ``rotary_emb.rotary`` (registered by the install record, which deletes it on removal).
 
 Shapes: r rotary_dim, r/2 the rotated pairs; cos/sin ``(B, T, r)``.
@@ -28,14 +34,15 @@ Shapes: r rotary_dim, r/2 the rotated pairs; cos/sin ``(B, T, r)``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from ...core.module import Rotary
 
-__all__ = ["FoldAngles", "per_layer_type", "rebuild", "stock_rope_parameters"]
+__all__ = ["FoldAngles", "other_rope_modules", "per_layer_type", "rebuild", "stock_rope_parameters"]
 
 _TRANSFORMERS_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
 _TOLERANCE = 1e-4  # transformers forms cos/sin from float32 frequencies, rotary from float64 ones
@@ -97,11 +104,16 @@ def stock_rope_parameters(rotary: Rotary, current: dict, max_positions: int, whe
     return out
 
 
-def per_layer_type(params: dict) -> dict[str, dict] | None:
+def per_layer_type(params: dict, layer_types: Iterable[str] | None = None) -> dict[str, dict] | None:
     """Per-layer-type rope_parameters (Gemma 3: ``{"sliding_attention": {...}, "full_attention": {...}}``) as
-    ``{layer type: its dict}`` without the types that have none (no RoPE), or None for one dict for all layers."""
+    ``{layer type: its dict}`` without the types that have none (no RoPE), or None for one dict for all layers.
+
+    ``layer_types``: the types the model's layers have (``config.layer_types``); types no layer has are left out
+    too, since transformers computes no angles for them (a 2-layer Gemma 3 has only sliding-window layers, and its
+    ``rotary_emb`` raises ``KeyError`` for ``"full_attention"``). None: every type."""
     if params and all(isinstance(v, dict) or v is None for v in params.values()):
-        types = {k: dict(v) for k, v in params.items() if v is not None}
+        used = None if layer_types is None else set(layer_types)
+        types = {k: dict(v) for k, v in params.items() if v is not None and (used is None or k in used)}
         return types or None
     return None
 
@@ -156,6 +168,147 @@ def _check(rotary_emb: nn.Module, config, forward: Callable, layer_types: list) 
                 )
 
 
+def other_rope_modules(base: nn.Module, rotary_emb: nn.Module) -> list[str]:
+    """The paths of the RoPE modules in ``base`` besides ``rotary_emb`` (GraniteSWA: ``rotary_embs.0``, one per
+    distinct per-layer theta, while its ``rotary_emb`` goes unused). Where there are any, the attentions may take
+    their angles from them, which an install that replaces ``rotary_emb``'s angles does not change."""
+    return [n for n, m in base.named_modules() if n and m is not rotary_emb and _is_rope_module(m)]
+
+
+def _is_rope_module(module: nn.Module) -> bool:
+    """A module computing RoPE's cos/sin from position ids: a transformers ``...RotaryEmbedding`` (the name
+    transformers' own ``_init_weights`` goes by) or a module with an ``inv_freq`` buffer, whose forward takes
+    ``position_ids``."""
+    named = "RotaryEmbedding" in type(module).__name__ or any(n.endswith("inv_freq") for n in module._buffers)
+    return named and "position_ids" in _parameters(module)
+
+
+def _parameters(module: nn.Module) -> dict:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _fresh_rope_modules(base: nn.Module, config) -> dict[str, nn.Module]:
+    """The RoPE modules of what ``from_pretrained`` builds from ``config``, by path in the base model.
+
+    As transformers' from_pretrained does (``get_init_context``, ``_move_missing_keys_from_meta_to_device``,
+    ``initialize_weights``): the base model's class is built on the meta device, then each RoPE module's buffers
+    are placed on the CPU and set by the model's own ``_init_weights`` (that of the nearest PreTrainedModel
+    around it). A buffer ``_init_weights`` does not set is NaN here (from_pretrained leaves it uninitialised), so
+    that it cannot pass the comparison."""
+    try:
+        with torch.device("meta"):
+            fresh = type(base)(config)
+        found, owners = {}, {"": fresh}
+        for name, module in fresh.named_modules():
+            if name and callable(getattr(module, "_init_weights", None)):
+                owners[name] = module  # a sub-model initialises what it holds (transformers' smart_apply)
+            if not name or not _is_rope_module(module):
+                continue
+            owner = owners[max((p for p in owners if not p or name.startswith(p + ".")), key=len)]
+            with torch.no_grad():
+                for sub in module.modules():
+                    for key, buffer in sub._buffers.items():
+                        if buffer is not None:
+                            empty = torch.empty_like(buffer, device="cpu")
+                            nan = empty.is_floating_point()
+                            sub._buffers[key] = empty.fill_(float("nan")) if nan else empty.zero_()
+                    if callable(getattr(owner, "_init_weights", None)):
+                        owner._init_weights(sub)
+            found[name] = module
+    except Exception as error:  # no faithful check without the model transformers would build
+        raise ValueError(
+            f"cannot write the angles as a stock config: {type(base).__name__} could not be built from it as "
+            f"from_pretrained builds it ({type(error).__name__}: {error}), so they cannot be checked. Nothing was "
+            f"changed"
+        ) from error
+    return found
+
+
+def _layer_types(module: nn.Module, config) -> list:
+    """The layer types a RoPE module computes angles for ([None]: its forward takes none)."""
+    if "layer_type" not in _parameters(module):
+        return [None]
+    types = sorted(set(getattr(config, "layer_types", None) or []))
+    per_type = per_layer_type(dict(getattr(config, "rope_parameters", None) or {}))
+    if per_type is not None:
+        types = [t for t in types if t in per_type]
+    return types or [None]
+
+
+def _cos_sin(module: nn.Module, positions: Tensor, device, args: tuple) -> tuple[Tensor, Tensor] | Exception:
+    """``module``'s cos/sin (float32, CPU) at ``positions``, or the exception it raised; the module's state is
+    what it was before (transformers' dynamic NTK and longrope keep the frequencies of the last length seen)."""
+    buffers = {k: (v, None if v is None else v.clone()) for k, v in module._buffers.items()}
+    attributes = dict(vars(module))
+    try:
+        with torch.no_grad():
+            cos, sin = module(torch.zeros(1, device=device), positions.to(device), *args)
+        return cos.to("cpu", torch.float32), sin.to("cpu", torch.float32)
+    except (KeyError, AttributeError, TypeError, ValueError, RuntimeError) as error:
+        return error
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers.values():
+                if buffer is not None:
+                    buffer.copy_(value)
+        for name in [n for n in vars(module) if n not in attributes]:
+            delattr(module, name)
+        vars(module).update(attributes)
+        module._buffers.clear()
+        module._buffers.update({k: b for k, (b, _) in buffers.items()})
+
+
+def _check_fresh(base: nn.Module, rotary_emb: nn.Module, config) -> None:
+    """Every RoPE module of a model built from ``config`` (as from_pretrained builds it) must give, for each layer
+    type it computes, the cos/sin that the installed model's module at the same path gives, at positions 0..31,
+    also within a batch whose largest position is beyond the original length (the long regime of
+    length-dependent schemes); raises ValueError naming the module, the layer type and the difference."""
+    fresh = _fresh_rope_modules(base, config)
+    if not fresh:
+        raise ValueError(
+            f"cannot write the angles as a stock config: a {type(base).__name__} built from it has no RoPE module "
+            f"(one computing cos/sin from position_ids) to check them against. Nothing was changed"
+        )
+    mine_by_path = dict(base.named_modules())
+    learned = next((n for n, m in mine_by_path.items() if m is rotary_emb), "rotary_emb")
+    short = torch.arange(32).unsqueeze(0)  # (1, 32)
+    long = torch.cat((short, torch.tensor([[2 * config.max_position_embeddings + 1]])), dim=1)  # (1, 33)
+    for path, theirs_module in fresh.items():
+        mine_module = mine_by_path.get(path)
+        what = f"{type(base).__name__}.{path} ({type(theirs_module).__name__})"
+        if mine_module is None:
+            raise ValueError(
+                f"cannot write the angles as a stock config: a model built from it computes angles at {what}, "
+                f"which this model lacks. Nothing was changed"
+            )
+        device = next(mine_module.buffers(), next(base.parameters(), torch.zeros(1))).device
+        for layer_type in _layer_types(theirs_module, config):
+            args = () if layer_type is None else (layer_type,)
+            for positions in (short, long):
+                theirs = _cos_sin(theirs_module, positions, "cpu", args)
+                mine = _cos_sin(mine_module, positions, device, args)
+                failed = next((r for r in (theirs, mine) if isinstance(r, Exception)), None)
+                error = float("inf") if failed is not None else _difference(theirs, mine, short.shape[1])
+                if error <= _TOLERANCE:
+                    continue
+                params = getattr(getattr(theirs_module, "config", None), "rope_parameters", config.rope_parameters)
+                why = "" if mine_module is rotary_emb else (
+                    f"; this model's attentions take their angles from {path}, which the install does not change "
+                    f"(it computes the learned angles at {learned}), so writing them would change the model")
+                if failed is None:
+                    found = f"computes cos/sin {error:.3g} away from this model's"
+                else:
+                    side = "the one from_pretrained builds" if failed is theirs else "this model's"
+                    found = f"fails to compute cos/sin in {side} ({type(failed).__name__}: {failed})"
+                raise ValueError(
+                    f"cannot write the angles{_where(layer_type)} as a stock config: from rope_parameters {params}, "
+                    f"{what} {found} at positions up to {int(positions.max())}{why}. Nothing was changed"
+                )
+
+
 def _difference(theirs: tuple[Tensor, Tensor], mine: tuple[Tensor, Tensor], count: int) -> float:
     if theirs[0].shape != mine[0].shape:
         return float("inf")
@@ -173,12 +326,16 @@ class FoldAngles:
 
     Calling it computes and checks the stock ``rope_parameters`` (raising ValueError, naming why, if they cannot
     express the angles), changing nothing; it returns the action that writes them into ``config`` and rebuilds
-    ``rotary_emb`` from it. ``forward``: the installed ``rotary_emb.forward`` (the Rotaries' cos/sin). An object,
-    not a closure, so that ``copy.deepcopy`` of the model points it at the copy's modules."""
+    ``rotary_emb`` from it. ``forward``: the installed ``rotary_emb.forward`` (the Rotaries' cos/sin); ``base``:
+    the base model holding ``rotary_emb`` (``model.model``), whose class is built from the new config to check the
+    angles against what from_pretrained computes (None: only ``rotary_emb``'s class is, which misses RoPE modules
+    other than ``rotary_emb``). An object, not a closure, so that ``copy.deepcopy`` of the model points it at the
+    copy's modules."""
 
     def __init__(self, config, rotary_emb: nn.Module, forward: Callable,
-                 sources: dict[str | None, Callable[[], Rotary]]):
+                 sources: dict[str | None, Callable[[], Rotary]], base: nn.Module | None = None):
         self.config, self.rotary_emb, self.forward, self.sources = config, rotary_emb, forward, sources
+        self.base = base
 
     def __call__(self) -> Callable[[], None]:
         config, sources = self.config, self.sources
@@ -193,7 +350,9 @@ class FoldAngles:
                                                         _where(layer_type))
         trial = copy.deepcopy(config)
         _write(trial, new)
-        _check(self.rotary_emb, trial, self.forward, list(sources))
+        _check(self.rotary_emb, trial, self.forward, list(sources))  # the rebuild of rotary_emb below
+        if self.base is not None:
+            _check_fresh(self.base, self.rotary_emb, trial)  # what from_pretrained builds from it
 
         def action() -> None:
             _write(config, new)

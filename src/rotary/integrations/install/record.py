@@ -37,6 +37,8 @@ __all__ = ["RECORD_NAME", "Install", "Placed", "Target", "find"]
 
 
 RECORD_NAME = "rotary_install"  # where the record is registered, next to the Rotary
+# the config attribute mirroring the options (Hugging Face's config.json); "rotary" collides with hosts' own fields
+CONFIG_KEY = "rotary_install"
 
 
 class _Attribute:
@@ -85,7 +87,7 @@ class Target:
 
     owner: nn.Module
     name: str
-    rows: slice | None = None
+    rows: slice | Tensor | None = None
     module: nn.Module | None = None
     change: object = None
 
@@ -127,10 +129,11 @@ class Install(nn.Module):
     :meth:`remove` undoes them all.
 
     ``host`` names the integration (``"whisper"``, ``"hf.causal"``, ``"hf.whisper"``); ``config`` is an object whose
-    ``rotary`` attribute mirrors ``options.to_dict()`` while installed (Hugging Face's ``model.config``), or None;
-    ``fold_angles``, for an install that changed the host's angles: called by :meth:`prepare_fold` before anything
-    changes, it checks that the angles can be written as the host's stock configuration (raising ``ValueError``
-    naming why not) and returns the action that writes it; after that action the whole install is removed.
+    ``rotary_install`` attribute (:data:`CONFIG_KEY`) mirrors ``options.to_dict()`` while installed (Hugging Face's
+    ``model.config``), or None; ``fold_angles``, for an install that changed the host's angles: called by
+    :meth:`prepare_fold` before anything changes, it checks that the angles can be written as the host's stock
+    configuration (raising ``ValueError`` naming why not) and returns the action that writes it; after that action
+    the whole install is removed.
     """
 
     def __init__(self, host: str, options: InstallOptions, *, config=None,
@@ -188,7 +191,7 @@ class Install(nn.Module):
     def forward_pre_hook(self, module: nn.Module, hook: Callable, **kwargs) -> None:
         self.changes.append(_Hook(module.register_forward_pre_hook(hook, **kwargs)))
 
-    def mix_projection(self, placed: Placed, owner: nn.Module, name: str, rows: slice | None = None) -> None:
+    def mix_projection(self, placed: Placed, owner: nn.Module, name: str, rows: slice | Tensor | None = None) -> None:
         """Apply ``placed``'s P to the projection at ``owner.<name>`` (its output ``rows``; None: all): on its
         weights if it is a plain ``nn.Linear`` and ``options.mix_on`` is ``"weights"``, else on its output."""
         target = Target(owner, name, rows)
@@ -224,16 +227,17 @@ class Install(nn.Module):
                 module = target.current()
                 if module is target.module:
                     continue
-                if target.change is None:  # the Rotary applies P itself: nothing to move
-                    target.module = module
-                    continue
                 if is_adapter_layer(module) and not is_training_wrapper(placed.parent._modules.get(placed.name)):
+                    weights_only = ", act on the base weights only" if target.change is not None else ""
                     raise RuntimeError(
                         f"{target.where()} is now {describe(module)}, wrapped after rotary was installed, but the "
                         f"rotary at {type(placed.parent).__name__}.{placed.name} is not trained with that adapter "
-                        f"(it would stay frozen, act on the base weights only and be missing from the saved "
-                        f"adapter): call rotary.hf.install(peft_model) once after get_peft_model"
+                        f"(it would stay frozen{weights_only} and be missing from the saved adapter): call "
+                        f"rotary.hf.install(peft_model) once after get_peft_model"
                     )
+                if target.change is None:  # the Rotary applies P itself (R(m) P q): nothing to move
+                    target.module = module
+                    continue
                 target.change.undo()
                 self._mix(placed, target)
 
@@ -257,8 +261,8 @@ class Install(nn.Module):
         if self.home:
             _unregister(*self.home, self)
             self.home.clear()
-        if self.config is not None and "rotary" in vars(self.config):
-            delattr(self.config, "rotary")
+        if self.config is not None and CONFIG_KEY in vars(self.config):
+            delattr(self.config, CONFIG_KEY)  # only the record: a host's own config.rotary (Falcon) stays
 
     # --------------------------------------------------------------------------------------- folding
     def prepare_fold(self) -> Callable[[], None] | None:
@@ -322,7 +326,7 @@ class Install(nn.Module):
     # --------------------------------------------------------------------------------------- state
     def _mirror(self) -> None:
         if self.config is not None:
-            self.config.rotary = self.options.to_dict()
+            setattr(self.config, CONFIG_KEY, self.options.to_dict())
 
     def get_extra_state(self) -> Tensor:
         # A uint8 tensor rather than a dict: safetensors (save_pretrained) stores tensors only.
@@ -356,6 +360,8 @@ class Install(nn.Module):
             copies = {"": p.rotary}
             if is_training_wrapper(slot):
                 copies.update(slot._modules["modules_to_save"].items())
+            elif isinstance(slot, Rotary):  # PEFT's merge_and_unload put the adapter's copy in the Rotary's place
+                copies[""] = slot
             for kind, rotary in copies.items():
                 if id(rotary) in names:
                     keys.setdefault(kind, []).extend(f"{names[id(rotary)]}.{k}" for k in rotary.state_dict())
