@@ -354,7 +354,7 @@ def test_fold_attention_placement(feats):
     rotary.fold(model)
     rot = model.model.decoder.rotary
     assert rot.mixer is None and hw.installed(model).options.placement == "attention"  # the RoPE itself stays
-    assert model.config.rotary["rotary"]["mixing"] is None  # a reload must not bring P back
+    assert model.config.rotary_install["rotary"]["mixing"] is None  # a reload must not bring P back
     assert not torch.equal(q_before, model.model.decoder.layers[0].self_attn.q_proj.weight)
     cross = model.model.decoder.layers[0].encoder_attn.q_proj.weight
     assert cross.equal(_stock().model.decoder.layers[0].encoder_attn.q_proj.weight)  # cross-attention untouched
@@ -387,7 +387,8 @@ def test_save_pretrained_and_reload_bit_identical(tmp_path, feats, placement):
         assert torch.equal(value, loaded.state_dict()[key]), key
     ids = torch.randint(4, 96, (2, 8))
     assert torch.equal(_logits(model, feats, ids), _logits(loaded, feats, ids))
-    expected = {**model.config.rotary, "learned_positions": not model.config.rotary["learned_positions"]}
+    record = model.config.rotary_install
+    expected = {**record, "learned_positions": not record["learned_positions"]}
     with pytest.raises(ValueError, match="rotary configuration mismatch: expected .* found"):
         rotary.hf.from_pretrained(WhisperForConditionalGeneration, tmp_path, rotary=expected)
 

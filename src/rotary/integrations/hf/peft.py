@@ -1,5 +1,5 @@
-"""A learned rotation P in a PEFT model (LoRA, DoRA, OFT, ...): P on the adapted projections, trained and saved
-with the adapter.
+"""A learned rotation P in a PEFT model (LoRA, DoRA, OFT, ...) of a causal LM or a Whisper: P on the adapted
+projections, trained and saved with the adapter.
 
     model = get_peft_model(model, LoraConfig(target_modules=["q_proj", "k_proj", "v_proj"]))
     rotary.hf.install(model)                 # P = I: the same outputs; P now trains with the adapter
@@ -12,6 +12,8 @@ over an install made before ``get_peft_model`` (the model then forgets nothing: 
 
 - where P acts: on the whole output of each adapted q/k projection (``P (W x + delta(x))``), through a forward
   hook on PEFT's layer (:mod:`rotary.integrations.install`); a projection PEFT left alone keeps P on its weights.
+  In Whisper (:mod:`rotary.hf.whisper`) the Rotary applies P itself to the q and k it rotates (``R(m) P q``), the
+  adapted projections' outputs: the same function, with no hook.
   The install follows PEFT's later changes to the module tree before every forward and before a fold
   (:meth:`Install.sync`): after ``merge_and_unload()`` P is on the merged weights, exactly as before.
 - training and saving: every Rotary of the install is added to each adapter's ``modules_to_save``, PEFT's own
@@ -39,7 +41,7 @@ import os
 from torch import nn
 
 from ..install import Install, InstallOptions, find, is_adapter_layer, is_training_wrapper
-from . import causal
+from . import causal, whisper
 
 __all__ = ["OPTIONS_FILE", "SUPPORTED", "install", "install_for_adapter", "is_peft_model"]
 
@@ -64,12 +66,18 @@ def _require_peft():
     return set_additional_trainable_modules
 
 
+def _host(model: nn.Module):
+    """The integration for the transformers model inside a PEFT model: rotary.hf.whisper or rotary.hf.causal."""
+    return whisper if getattr(getattr(model, "config", None), "model_type", None) == "whisper" else causal
+
+
 def install(peft_model: nn.Module, **options) -> nn.Module:
     """Install a rotary into a PEFT model (or take over the one installed before ``get_peft_model``); returns it.
 
-    ``options`` are those of :func:`rotary.hf.causal.install`, for a model without an install yet; a model
-    installed before PEFT wrapped it takes none (its install's options stand). Raises TypeError for a model the
-    causal-LM install refuses, RuntimeError for other misuse; in every case the model is left as it was.
+    ``options`` are those of :func:`rotary.hf.causal.install` (a Whisper: :func:`rotary.hf.whisper.install`), for
+    a model without an install yet; a model installed before PEFT wrapped it takes none (its install's options
+    stand). Raises TypeError for an adapter or a model it cannot handle, what that install raises for bad options,
+    RuntimeError for other misuse; in every case the model is left as it was.
     """
     set_additional_trainable_modules = _require_peft()
     kinds = {name: str(getattr(c.peft_type, "value", c.peft_type)) for name, c in peft_model.peft_config.items()}
@@ -81,21 +89,19 @@ def install(peft_model: nn.Module, **options) -> nn.Module:
             f"weights (BaseTuner._replace_module), so the merged model could not keep P"
         )
     inner = peft_model.get_base_model()
-    if getattr(getattr(inner, "config", None), "model_type", None) == "whisper":
-        raise TypeError("rotary.hf.install on a PEFT model handles causal LMs; install into Whisper before PEFT is "
-                        "not supported")
+    host = _host(inner)
     record = find(inner)
     installed_here = record is None
     if installed_here:
-        causal.install(inner, **options)
-        record = find(inner, (causal.HOST,))
+        host.install(inner, **options)
+        record = find(inner, (host.HOST,))
     elif options:
         raise TypeError(
             f"this model's base already has a rotary installed ({record.options.to_dict()}): call "
             f"rotary.hf.install(peft_model) without options to train it with the adapter (got {sorted(options)})"
         )
-    elif record.host != causal.HOST:
-        raise TypeError(f"the rotary installed in this model is a {record.host!r} install, not a causal-LM one")
+    elif record.host != host.HOST:
+        raise TypeError(f"the rotary installed in this model is a {record.host!r} install, not a {host.HOST!r} one")
     elif _trained_with_peft(record):
         raise RuntimeError("the rotary of this PEFT model is already trained with its adapters: nothing to do")
     try:
@@ -104,7 +110,7 @@ def install(peft_model: nn.Module, **options) -> nn.Module:
         record.sync()  # P onto the adapted projections now (rather than at the next forward)
     except BaseException:
         if installed_here:
-            causal.uninstall(inner)
+            host.uninstall(inner)
         raise
     return peft_model
 
@@ -178,20 +184,21 @@ def install_for_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Modul
                          f"installed (rotary.hf.install(peft_model) before training writes it at save_pretrained)")
     with open(path) as f:
         options = InstallOptions.from_dict(json.load(f))
+    host = _host(model)
     record = find(model)
     installed_here = record is None
     if installed_here:
-        causal.install(model, options=options)
+        host.install(model, options=options)
         record = find(model)
     elif record.options.to_dict() != options.to_dict():
         raise ValueError(f"{folder}: the adapter was trained with the rotary install {options.to_dict()}, but this "
                          f"model has {record.options.to_dict()} installed; call rotary.hf.uninstall(model) first")
-    home = next(n for n, m in model.named_modules() if m is record.home[0])  # the base model: "model"
+    home = next(n for n, m in model.named_modules() if m is record.home[0])  # "model"; Whisper: "model.decoder"
     expected = sorted(f"{home}.{k}".lstrip(".") for k in record.rotary_keys().get("", []))
     found = _adapter_rotary_keys(folder)
     if found != expected:
         if installed_here:
-            causal.uninstall(model)
+            host.uninstall(model)
         raise ValueError(f"{folder}: the adapter's rotary tensors do not match its recorded install "
                          f"{options.to_dict()}: expected {expected}, found {found}")
     return model

@@ -41,6 +41,10 @@ not, into a model installed with other options is a clear error naming both.
 :func:`uninstall` removes everything install added; :func:`rotary.fold` folds P into the decoder self-attention
 ``q_proj``/``k_proj`` (the RoPE stays installed: HF Whisper has none of its own).
 
+PEFT (LoRA, DoRA), in either order, as for causal LMs (:mod:`rotary.hf.peft`): ``rotary.hf.install(peft_model)``.
+The Rotary applies P to the whole output of the (adapted) q/k projections, so P trains and is saved with the
+adapter; :func:`rotary.fold` before ``merge_and_unload()`` moves P into the base weights and ``lora_B``.
+
 The replaced forwards and hooks are small picklable objects, so ``copy.deepcopy`` and ``torch.save(model)`` work.
 """
 
@@ -78,8 +82,9 @@ class _SelfAttentionForward:
     fails the day transformers changes the body it copies.
     """
 
-    def __init__(self, attn: nn.Module, rotary: Rotary, encoder_decoder_cache: type, attention_functions, eager):
-        # A plain reference, not a submodule: the Rotary is registered once, at the decoder's ``rotary``.
+    def __init__(self, attn: nn.Module, rotary, encoder_decoder_cache: type, attention_functions, eager):
+        # ``rotary()`` is the Rotary in use (:meth:`Placed.current`): the one registered once, at the decoder's
+        # ``rotary``, or the active adapter's copy where PEFT trains it. A plain reference, not a submodule.
         self.attn, self.rotary = attn, rotary
         self.encoder_decoder_cache, self.attention_functions, self.eager = (
             encoder_decoder_cache, attention_functions, eager
@@ -99,7 +104,7 @@ class _SelfAttentionForward:
             raise ValueError("a rotary self-attention got key_value_states: cross-attention is never rotated")
         if cache is None:
             cache = kwargs.pop("past_key_values", None)  # the name transformers deprecates
-        a = self.attn
+        a, rotary = self.attn, self.rotary()
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, a.head_dim)
         # Scaled before rotating, in transformers' order (it keeps openai-whisper's rounding).
@@ -108,10 +113,10 @@ class _SelfAttentionForward:
         v = a.v_proj(hidden_states).view(hidden_shape).transpose(1, 2).contiguous()  # (B, H, T, D)
         if isinstance(cache, self.encoder_decoder_cache):
             cache = cache.self_attention_cache
-        if not self.rotary.length_dependent:  # keys cached rotated: their positions never change
+        if not rotary.length_dependent:  # keys cached rotated: their positions never change
             offset = cache.get_seq_length(a.layer_idx) if cache is not None else 0  # a Python int: no host sync
             # Rotated in (B, T, H, D), the projections' own buffers, then laid out (B, H, T, D) as transformers does.
-            q, k = self.rotary.rotate_qk(q, k, offset=offset, layout="BTHD")
+            q, k = rotary.rotate_qk(q, k, offset=offset, layout="BTHD")
             q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
             if cache is not None:
                 k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)  # rotated keys go into the cache
@@ -121,7 +126,7 @@ class _SelfAttentionForward:
             q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
             if cache is not None:
                 k, v = cache.update(k, v, a.layer_idx, kwargs=kwargs)
-            q, k = self.rotary.rotate_qk(q, k, offset=k.shape[2] - q.shape[2])
+            q, k = rotary.rotate_qk(q, k, offset=k.shape[2] - q.shape[2])
         attention = self.attention_functions.get_interface(a.config._attn_implementation, self.eager)
         out, weights = attention(
             a, q, k, v, attention_mask,
@@ -285,11 +290,12 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     attentions = [layer.self_attn for layer in decoder.layers] if placement == "attention" else []
     record = Install(HOST, options, config=config)
     try:
-        record.add_rotary(rot, decoder, folds_into=[(a, n) for a in attentions for n in ("q_proj", "k_proj")])
+        placed = record.add_rotary(rot, decoder,
+                                   folds_into=[(a, n) for a in attentions for n in ("q_proj", "k_proj")])
         record.attach(decoder)
         for attn in attentions:
             record.replace_forward(attn, _SelfAttentionForward(
-                attn, rot, encoder_decoder_cache, modeling_whisper.ALL_ATTENTION_FUNCTIONS,
+                attn, placed.current, encoder_decoder_cache, modeling_whisper.ALL_ATTENTION_FUNCTIONS,
                 modeling_whisper.eager_attention_forward,
             ))
         if placement == "embedding" or not learned:
@@ -320,7 +326,10 @@ def uninstall(model: nn.Module) -> nn.Module:
 
 
 def installed(model: nn.Module) -> Install | None:
-    """The record of the rotary :func:`install` put into ``model``, or None."""
+    """The record of the rotary :func:`install` put into ``model`` (or into the Whisper inside a PEFT model), or
+    None."""
+    if callable(getattr(model, "get_base_model", None)) and isinstance(getattr(model, "peft_config", None), dict):
+        model = model.get_base_model()  # a PEFT model (rotary.hf.peft.is_peft_model)
     return find(_decoder(model), (HOST,))
 
 
