@@ -179,6 +179,12 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     params, theta = _rope_parameters(host.config)
     # the host's pairing: P's planes avoid its rotated pairs and its pass-through channels
     geometry = {"base": theta, "interleaved": host.pairing.interleaved, "rotary_dim": rotary_dim}
+    if angles and "mrope_section" in params:
+        raise ValueError(
+            f"learned_freq/scaling: this model's angles are M-RoPE (rope_parameters {params}: sections of the "
+            f"frequencies turn with the temporal, height and width positions), which a learned 1-D frequency scale "
+            f"cannot replace and no stock config could hold. Install P alone (mixing only), which acts before M-RoPE"
+        )
     others = other_rope_modules(host.base, host.rotary_emb) if angles else []
     if others:
         raise ValueError(
