@@ -162,3 +162,69 @@ def test_planes_avoid_the_host_pairs_and_pass_through():
     for name, (rotary_dim, interleaved) in expected.items():
         options = rotary.hf.causal.install_options(build(name)).rotary
         assert (options.rotary_dim, options.interleaved) == (rotary_dim, interleaved), name
+
+
+# --------------------------------------------------------------------------------------------- the other hosts
+def _openai_whisper(learned_freq):
+    whisper = pytest.importorskip("whisper")
+    import rotary.whisper
+
+    dims = whisper.model.ModelDimensions(n_mels=80, n_audio_ctx=8, n_audio_state=32, n_audio_head=2,
+                                         n_audio_layer=1, n_vocab=VOCAB, n_text_ctx=32, n_text_state=32,
+                                         n_text_head=2, n_text_layer=2)
+    model = whisper.model.Whisper(dims).eval()
+    torch.nn.init.normal_(model.decoder.positional_embedding, std=0.01)  # whisper leaves it torch.empty
+    rotary.whisper.install(model, placement="attention", learned_freq=learned_freq)
+    audio = torch.randn(1, 8, 32)
+    return model, lambda ids: model.decoder(ids[:1], audio), lambda: model.decoder.rotary
+
+
+def _hf_whisper(learned_freq):
+    config = transformers.WhisperConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=2,
+                                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                        decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=4,
+                                        max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=1)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    rotary.hf.install(model, placement="attention", learned_freq=learned_freq)
+    features = torch.randn(1, 8, 8)
+    return model, lambda ids: model(input_features=features, decoder_input_ids=ids[:1]).logits, \
+        lambda: model.model.decoder.rotary
+
+
+def _reference_decoder(learned_freq, **geometry):
+    from rotary.decoder import Decoder, DecoderConfig
+
+    model = Decoder(DecoderConfig(vocab=VOCAB, ctx=32, dims=48, heads=2, layers=2, positional="rotary",
+                                  placement="attention", learned_freq=learned_freq, **geometry)).eval()
+    return model, lambda ids: model(ids), lambda: next(m for m in model.modules() if isinstance(m, rotary.Rotary))
+
+
+OTHER_HOSTS = {
+    "openai-whisper": _openai_whisper,
+    "hf-whisper": _hf_whisper,
+    "decoder": _reference_decoder,
+    "decoder, half pairs, a quarter rotated": lambda lf: _reference_decoder(lf, interleaved=False, rotary_dim=6),
+    "decoder, interleaved, a third rotated": lambda lf: _reference_decoder(lf, interleaved=True, rotary_dim=8),
+}
+
+
+@pytest.mark.parametrize("learned_freq", [False, True], ids=["P", "P+freq"])
+@pytest.mark.parametrize("name", list(OTHER_HOSTS))
+def test_every_learned_number_acts_in_the_other_hosts(name, learned_freq):
+    """The hosts whose Rotary applies RoPE itself: no plane of P is a RoPE pair or lies in pass-through channels."""
+    torch.manual_seed(0)
+    _model, forward, rot = OTHER_HOSTS[name](learned_freq)
+    ids = tokens(batch=1, length=10)
+    with torch.no_grad():
+        before = forward(ids)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in rot().parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.3)
+    out = forward(ids)
+    assert (out.detach() - before).abs().max() > 1e-5, f"{name}: P cannot change the logits"
+    out.square().mean().backward()
+    for param_name, t in rot().named_parameters():
+        dead = (t.grad is None) or int((t.grad == 0).sum())
+        assert not dead, f"{name}: {param_name} has {dead} entries without gradient: they cannot act"
