@@ -207,6 +207,68 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _support(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    try:
+        import peft  # noqa: F401  (the LoRA checks)
+        import transformers
+    except ImportError:
+        print("rotary support needs transformers and peft: pip install 'rotary[peft]'", file=sys.stderr)
+        return 2
+    from rotary.lab import support
+
+    known = support.architectures()
+    only = [name for part in args.only for name in part.split(",") if name] if args.only else None
+    unknown = [name for name in only or [] if name not in known]
+    if unknown:
+        print(f"rotary support: {unknown} not in transformers {transformers.__version__}'s causal LMs; choose from "
+              f"{' '.join(known)}", file=sys.stderr)
+        return 2
+    # tiny models: one thread is several times faster than two (and does not fight other processes for cores)
+    torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # every tiny model's load report, unused-weight notes, ...
+    transformers.utils.logging.disable_progress_bar()
+    names = only or known
+    bar = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), unit="model", leave=False, dynamic_ncols=True)
+    except ImportError:
+        pass
+
+    def progress(row) -> None:
+        verdicts = " ".join(f"{mode}={v.status}" for mode, v in row.verdicts.items())
+        line = f"{row.model_type}: {row.state} {verdicts} ({row.seconds:.1f} s)"
+        if bar is not None:
+            bar.update(1)
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
+    report = support.sweep(names, seed=args.seed, time_limit=args.time_limit or None, progress=progress)
+    if bar is not None:
+        bar.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(support.render(report, command="rotary " + " ".join(args.argv)))
+    s = report.summary()
+    print(f"{s['architectures']} architectures: {s['built']} build, {s['rope']} RoPE, works end to end: "
+          f"default {len(s['works']['default'])}, learned_freq {len(s['works']['learned_freq'])}, "
+          f"LoRA {len(s['works']['lora'])}, fold to stock {len(s['fold_works'])}")
+    for key in ("p_inert", "freq_inert", "wrong_checkpoint", "refusal_changed_model", "crash", "other_failures",
+                "timeout"):
+        print(f"{key.replace('_', ' ')}: {', '.join(s[key]) or 'none'}")
+    print(f"wrote {out}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(support.to_json(report), f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 # what --quick takes with all other flags at their defaults, measured on a 2-core AMD EPYC VM (torch 2.13 CPU),
 # 2026-12-02, nothing else running: `rotary compare --quick` 25 s wall clock (tasks text grid digits; 43-45 s in
 # earlier runs with other jobs sharing the machine), `rotary bench --quick` 32 s (every suite, torchtune not
@@ -215,6 +277,9 @@ COMPARE_QUICK = "about 25-45 s on 2 CPU cores"
 # `rotary compare --tasks extend --out runs/extend`, same machine: 285 s, killed, then 56 s resumed (docs/results.md)
 EXTEND_TIME = "--tasks extend alone takes about 6 minutes on 2 CPU cores"
 BENCH_QUICK = "about 30 s on 2 CPU cores"
+# `rotary support` (200 architectures of transformers 5.25, one thread), same machine, 2026-12-07, other jobs running:
+# 128-134 s for the sweep, 140 s wall clock with the imports
+SUPPORT_TIME = "about 2-3 minutes on 2 CPU cores"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -291,6 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--extend-steps", type=int, default=None,
                      help=f"extend: fine-tuning steps of every trained variant (default {ExtendConfig.steps})")
     cmp.set_defaults(func=_compare)
+    sup = sub.add_parser(
+        "support", help="check rotary.hf.install on every causal-LM architecture of the installed transformers",
+        description="Build every architecture of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES at a tiny size and "
+        "check the default install, learned_freq=True, LoRA and the fold to a stock checkpoint end to end; write "
+        f"the verdicts as markdown ({SUPPORT_TIME}).")
+    sup.add_argument("--only", action="append", metavar="MODEL_TYPE[,...]",
+                     help="sweep only these model types (comma-separated; repeatable)")
+    sup.add_argument("--out", default="docs/support.md", help="the markdown page to write (default docs/support.md)")
+    sup.add_argument("--json", metavar="PATH", help="also write every row and check as JSON")
+    sup.add_argument("--time-limit", type=float, default=60.0,
+                     help="seconds per architecture, then it is reported as a timeout (0: no limit)")
+    sup.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for tiny models)")
+    sup.add_argument("--seed", type=int, default=0, help="seed of the weights, tokens and random P")
+    sup.set_defaults(func=_support)
     return parser
 
 
@@ -299,10 +378,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for name in ("dims", "heads", "batch", "seq", "repeats", "seeds", "steps", "length", "layers", "vocab",
-                 "steps_2d", "extend_length", "extend_factor", "extend_steps"):
+                 "steps_2d", "extend_length", "extend_factor", "extend_steps", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if getattr(args, "time_limit", None) is not None and args.time_limit < 0:
+        parser.error("--time-limit must be 0 (no limit) or positive")
     start = time.perf_counter()
     code = args.func(args)
     if code == 0:
