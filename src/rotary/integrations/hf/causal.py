@@ -49,7 +49,7 @@ from ...core.module import Rotary
 from ...core.options import RotaryOptions
 from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, find, flag
 from ._common import forget, recorded, require_transformers
-from .layouts import Attention, Geometry, Pairing, find_attentions, language_model, rope_pairing
+from .layouts import Attention, Geometry, Pairing, find_attentions, language_model, layer_list, rope_pairing
 from .stock import FoldAngles, other_rope_modules, per_layer_type
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
@@ -60,14 +60,15 @@ _TAKEN_FROM_MODEL = ("base", "rotary_dim", "interleaved", "dims", "heads")
 
 class _RotaryEmbeddingForward:
     """``rotary_emb.forward`` returning the Rotary's cos/sin ``(B, T, rotary_dim)`` in x's dtype, laid out as the
-    host's own (``cos_layout``: ``"half"`` ``cat(f, f)``, ``"interleaved"`` ``repeat_interleave(f, 2)``, or
+    host.s own (``cos_layout``: ``"half"`` ``cat(f, f)``, ``"interleaved"`` ``repeat_interleave(f, 2)``, ``"pairs"``, or
     ``"complex"``: ``freqs_cis = cos + i sin``, ``(B, T, rotary_dim / 2)``).
 
     ``rotary``: the Rotary in use (a callable: the installed one, or the adapter's copy that PEFT trains), or, for
     per-layer-type ``rope_parameters`` (Gemma 3), a dict of them by layer type, which ``layer_type`` selects."""
 
-    def __init__(self, rotary: Callable[[], Rotary] | dict[str, Callable[[], Rotary]], cos_layout: str = "half"):
-        self.source, self.cos_layout = rotary, cos_layout
+    def __init__(self, rotary: Callable[[], Rotary] | dict[str, Callable[[], Rotary]], cos_layout: str = "half",
+                 sin_first: bool = False):
+        self.source, self.cos_layout, self.sin_first = rotary, cos_layout, sin_first
 
     def __call__(self, x: Tensor, position_ids: Tensor, layer_type=None):
         if isinstance(self.source, dict):
@@ -88,9 +89,10 @@ class _RotaryEmbeddingForward:
             return torch.complex(cos, sin).to(x.device)
         if self.cos_layout == "interleaved":  # (B, T, r): Cohere's repeat_interleave
             cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
-        else:  # (B, T, r): rotate_half's cat
+        elif self.cos_layout != "pairs":  # (B, T, r): rotate_half's cat; "pairs": (B, T, r/2) as they are (GPT-OSS)
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
-        return cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
+        cos, sin = cos.to(x.device, x.dtype), sin.to(x.device, x.dtype)
+        return (sin, cos) if self.sin_first else (cos, sin)  # GPT-J's order
 
 
 # --------------------------------------------------------------------------------------------- inspection
@@ -120,7 +122,7 @@ def _inspect(model: nn.Module) -> _Host:
     config = getattr(model, "config", None)
     kind = f"{type(model).__name__} (model_type {getattr(config, 'model_type', None)!r})"
     base = language_model(model)
-    if config is None or base is None or len(base.layers) == 0:
+    if config is None or base is None or len(layer_list(base)) == 0:
         raise TypeError(
             f"rotary.hf.install expects a transformers decoder with a layer list and a rotary_emb module computing "
             f"RoPE's cos/sin (at model.model, or model.model.language_model for vision-language models), got {kind}"
@@ -179,7 +181,13 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     params, theta = _rope_parameters(host.config)
     # the host's pairing: P's planes avoid its rotated pairs and its pass-through channels
     geometry = {"base": theta, "interleaved": host.pairing.interleaved, "rotary_dim": rotary_dim}
-    if angles and "mrope_section" in params:
+    if angles and host.pairing.cos_layout is None:
+        raise ValueError(
+            f"learned_freq/scaling: {type(host.rotary_emb).__name__} lays out its cos/sin in a way rotary cannot "
+            f"write (neither cat(f, f), repeat_interleave(f, 2), one entry per pair nor complex), so its angles "
+            f"cannot be replaced. Install P alone (mixing only)"
+        )
+    if angles and ("mrope_section" in params or getattr(host.rotary_emb, "mrope_section", None) is not None):
         raise ValueError(
             f"learned_freq/scaling: this model's angles are M-RoPE (rope_parameters {params}: sections of the "
             f"frequencies turn with the temporal, height and width positions), which a learned 1-D frequency scale "
@@ -203,7 +211,7 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
         # record holds learned_freq and the geometry
         options = RotaryOptions(heads * head_dim, heads, mixing=mixing, learned_freq=True, **geometry)
     elif angles:
-        angle_scaling = dict(scaling if scaling is not None else params)
+        angle_scaling = dict(scaling) if scaling is not None else _own_scaling(params, head_dim, rotary_dim)
         if "rope_theta" in angle_scaling:
             del geometry["base"]
         options = RotaryOptions(heads * head_dim, heads, mixing=mixing, learned_freq=learned_freq,
@@ -213,6 +221,17 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     else:
         options = RotaryOptions(heads * head_dim, heads, mixing=mixing, **geometry)
     return InstallOptions(options, per_layer=per_layer, mix_on=mix_on, mix_norm=mix_norm)
+
+
+def _own_scaling(params: dict, head_dim: int, rotary_dim: int) -> dict:
+    """The scaling dict of a Rotary computing the model's own angles, from its ``rope_parameters``."""
+    own = dict(params) or {"rope_type": "default"}  # GPT-J's config has none: transformers' default
+    factor = own.get("partial_rotary_factor")
+    if factor is not None and int(head_dim * factor) != rotary_dim:
+        # the channels the model's own function rotates are the truth (MiMo-V2-Flash rounds 16 x 0.334 to 6,
+        # latent attention applies it to another width); fold keeps the config's factor, and checks the result
+        del own["partial_rotary_factor"]
+    return own
 
 
 def _changes_angles(options: RotaryOptions) -> bool:
@@ -264,7 +283,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     host = _inspect(model)
     _check_record(options, host)
     base, rotary_emb, attentions, config = host.base, host.rotary_emb, host.attentions, model.config
-    cos_layout = host.pairing.cos_layout
+    cos_layout, sin_first = host.pairing.cos_layout, host.pairing.sin_first
     if find(base) is not None:
         raise RuntimeError(
             f"a rotary is already installed in this model ({recorded(config)}): call rotary.hf.uninstall(model) first"
@@ -287,15 +306,16 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
             raise ValueError(f"these install options give one set of angles (scaling {r.scaling}), but the model "
                              f"has one rope_parameters per layer type ({sorted(types)})")
         for layer_type, params in types.items():  # each starts at its own type's angles
-            rot = Rotary.from_options(dataclasses.replace(r, mixing=None, scaling=params, base=None)).to(device)
-            _check_angles(rotary_emb, rot, device, cos_layout, layer_type)
+            own = _own_scaling(params, host.head_dim, host.pairing.rotary_dim)
+            rot = Rotary.from_options(dataclasses.replace(r, mixing=None, scaling=own, base=None)).to(device)
+            _check_angles(rotary_emb, rot, device, cos_layout, sin_first, layer_type)
             type_rotaries[layer_type] = rot
         if hasattr(rotary_emb, "rotary"):
             raise RuntimeError(f"{type(rotary_emb).__name__} already has an attribute named 'rotary'")
     elif angles:
         angle_rotary = Rotary.from_options(dataclasses.replace(r, mixing=None) if options.per_layer else r).to(device)
-        if r.scaling == _rope_parameters(host.config)[0]:
-            _check_angles(rotary_emb, angle_rotary, device, cos_layout)
+        if r.scaling == _own_scaling(_rope_parameters(host.config)[0], host.head_dim, host.pairing.rotary_dim):
+            _check_angles(rotary_emb, angle_rotary, device, cos_layout, sin_first)
     p_only = dataclasses.replace(r, learned_freq=False, scaling=None)
 
     def p_rotary():
@@ -333,7 +353,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
                     for name, rows in a.targets:
                         record.mix_projection(p, a.module, name, rows)
         if sources:
-            forward = _RotaryEmbeddingForward(sources.get(None, sources), cos_layout)  # one, or one per layer type
+            forward = _RotaryEmbeddingForward(sources.get(None, sources), cos_layout, sin_first)  # one, or by type
             record.replace_forward(rotary_emb, forward)
             # rotary.fold writes the angles as stock rope_parameters and rebuilds rotary_emb (rotary.hf.stock)
             record.fold_angles = FoldAngles(host.config, rotary_emb, forward, sources, base)
@@ -343,7 +363,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     return model
 
 
-def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device, cos_layout: str,
+def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device, cos_layout: str, sin_first: bool,
                   layer_type: str | None = None) -> None:
     """The Rotary must reproduce the model's own cos/sin (of ``layer_type``) before its frequencies are learned."""
     positions = torch.arange(32, device=device).unsqueeze(0)  # (1, 32)
@@ -351,7 +371,7 @@ def _check_angles(rotary_emb: nn.Module, rotary: Rotary, device, cos_layout: str
     args, source = ((), lambda: rotary) if layer_type is None else ((layer_type,), {layer_type: lambda: rotary})
     with torch.no_grad():
         theirs = rotary_emb(x, positions, *args)
-        mine = _RotaryEmbeddingForward(source, cos_layout)(x, positions, *args)
+        mine = _RotaryEmbeddingForward(source, cos_layout, sin_first)(x, positions, *args)
     if cos_layout == "complex":  # freqs_cis: compare its real and imaginary parts as cos and sin
         theirs, mine = (theirs.real, theirs.imag), (mine.real, mine.imag)
     cos, sin = theirs

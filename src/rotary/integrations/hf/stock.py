@@ -155,8 +155,16 @@ def _check(rotary_emb: nn.Module, config, forward: Callable, layer_types: list) 
     for layer_type in layer_types:
         args = () if layer_type is None else (layer_type,)
         for positions in (short, long):
+            try:
+                with torch.no_grad():
+                    theirs = fresh(x, positions, *args)
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:  # PhiMoE's longrope wants its own keys
+                raise ValueError(
+                    f"cannot write the angles{_where(layer_type)} as a stock config: transformers' "
+                    f"{type(fresh).__name__} cannot compute cos/sin from rope_parameters {config.rope_parameters} "
+                    f"({type(e).__name__}: {e}). Nothing was changed"
+                ) from None
             with torch.no_grad():
-                theirs = fresh(x, positions, *args)
                 mine = forward(x, positions, *args)
             error = _difference(theirs, mine, short.shape[1])
             if not error <= _TOLERANCE:
@@ -199,6 +207,9 @@ def _fresh_rope_modules(base: nn.Module, config) -> dict[str, nn.Module]:
     around it). A buffer ``_init_weights`` does not set is NaN here (from_pretrained leaves it uninitialised), so
     that it cannot pass the comparison."""
     try:
+        config = copy.deepcopy(config)
+        if isinstance(getattr(config, "dtype", None), str):  # save_pretrained leaves "float32"; from_pretrained
+            config.dtype = getattr(torch, config.dtype)  # hands modules a torch.dtype (Apertus's xIELU needs one)
         with torch.device("meta"):
             fresh = type(base)(config)
         found, owners = {}, {"": fresh}
