@@ -120,3 +120,56 @@ def test_the_command_writes_the_page_and_the_json(tmp_path, capsys):
     rows = json.loads(doc.read_text())["rows"]
     assert [r["model_type"] for r in rows] == ["llama", "gpt2"]
     assert "works end to end: default 1" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def multimodal():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield support.sweep(["qwen2_vl", "whisper"], time_limit=120)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_vision_language_models_and_whisper_with_and_without_peft(multimodal):
+    """A multimodal row per name (whisper is a causal row too: WhisperForCausalLM, no RoPE), a verdict per way of
+    installing and input, every check a number, no inert P; M-RoPE's learned frequencies refused, model unchanged."""
+    assert [r.model_type for r in multimodal.rows] == ["whisper"]
+    assert [(r.model_type, r.model_class, r.kind, r.state) for r in multimodal.multimodal] == [
+        ("qwen2_vl", "Qwen2VLForConditionalGeneration", "multimodal", "rope"),
+        ("whisper", "WhisperForConditionalGeneration", "multimodal", "rope")]
+    qwen, whisper = multimodal.multimodal
+    assert qwen.inputs == ["text", "image"] and whisper.inputs == ["audio"]
+    installed = 0
+    for row in multimodal.multimodal:
+        assert row.attention and row.projections and row.seconds > 0
+        assert set(row.verdicts) == {f"{mode}/{name}" for mode in support.MODES for name in row.inputs}
+        for key, verdict in row.verdicts.items():
+            assert verdict.mode == key and verdict.status in ("works", "refused", "fails", "timeout", "skipped")
+            for check in verdict.checks:
+                assert check.ok is not None or check.detail
+                if check.ok is not None and not check.detail.startswith("crash"):
+                    assert check.value is not None, check
+            acts = verdict.check("P acts")
+            if acts is not None:
+                installed += 1
+                assert acts.ok, f"{row.model_type} {key}: {acts.text()}"
+    assert installed == 7  # qwen2_vl: default and LoRA, text and image; whisper: all three
+    for name in qwen.inputs:
+        refused = qwen.verdicts[f"learned_freq/{name}"]
+        assert refused.status == "refused" and "M-RoPE" in refused.reason, refused.text()
+        assert refused.check("refusal keeps model").ok
+        assert qwen.verdicts[f"default/{name}"].status == "works", qwen.verdicts[f"default/{name}"].text()
+    assert [c.name for c in whisper.verdicts["default/audio"].checks] == [
+        "identity", "P acts", "gradient", "cache", "fold", "reload", "uninstall"]
+    assert whisper.verdicts["learned_freq/audio"].check("freq acts").ok
+    assert [c.name for c in whisper.verdicts["lora/audio"].checks] == ["identity", "P acts", "merge", "fold", "reload"]
+    m = multimodal.summary()["multimodal"]
+    assert m["swept"] == 2 and m["refused"]["learned_freq"] == ["qwen2_vl"] and m["p_inert"] == []
+    text = support.render(multimodal)
+    assert "## Vision-language models and Whisper" in text
+    assert "| `qwen2_vl` | Qwen2VLForConditionalGeneration |" in text
+    assert "vision-language models and Whisper: work end to end, default install" in text
+    assert support.to_json(multimodal)["multimodal"][1]["model_type"] == "whisper"
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "whisper"} <= set(support.architectures())  # --only

@@ -223,7 +223,8 @@ def _support(args: argparse.Namespace) -> int:
     only = [name for part in args.only for name in part.split(",") if name] if args.only else None
     unknown = [name for name in only or [] if name not in known]
     if unknown:
-        print(f"rotary support: {unknown} not in transformers {transformers.__version__}'s causal LMs; choose from "
+        print(f"rotary support: {unknown} not among transformers {transformers.__version__}'s causal LMs and the "
+              f"vision-language models and Whisper it checks; choose from "
               f"{' '.join(known)}", file=sys.stderr)
         return 2
     # tiny models: one thread is several times faster than two (and does not fight other processes for cores)
@@ -235,13 +236,14 @@ def _support(args: argparse.Namespace) -> int:
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(names), unit="model", leave=False, dynamic_ncols=True)
+        rows = len(names) + len([n for n in names if n in support.MULTIMODAL and n in support.causal_lms()])
+        bar = tqdm(total=rows, unit="model", leave=False, dynamic_ncols=True)
     except ImportError:
         pass
 
     def progress(row) -> None:
         verdicts = " ".join(f"{mode}={v.status}" for mode, v in row.verdicts.items())
-        line = f"{row.model_type}: {row.state} {verdicts} ({row.seconds:.1f} s)"
+        line = f"{row.label}: {row.state} {verdicts} ({row.seconds:.1f} s)"
         if bar is not None:
             bar.update(1)
             bar.write(line, file=sys.stderr)
@@ -258,6 +260,10 @@ def _support(args: argparse.Namespace) -> int:
     print(f"{s['architectures']} architectures: {s['built']} build, {s['rope']} RoPE, works end to end: "
           f"default {len(s['works']['default'])}, learned_freq {len(s['works']['learned_freq'])}, "
           f"LoRA {len(s['works']['lora'])}, fold to stock {len(s['fold_works'])}")
+    m = s["multimodal"]
+    print(f"vision-language models and Whisper: {len(m['works']['default'])} of {m['swept']} work by default, "
+          f"learned_freq {len(m['works']['learned_freq'])} ({len(m['refused']['learned_freq'])} refused), "
+          f"LoRA {len(m['works']['lora'])}")
     for key in ("p_inert", "freq_inert", "wrong_checkpoint", "refusal_changed_model", "crash", "other_failures",
                 "timeout"):
         print(f"{key.replace('_', ' ')}: {', '.join(s[key]) or 'none'}")
@@ -277,9 +283,9 @@ COMPARE_QUICK = "about 25-45 s on 2 CPU cores"
 # `rotary compare --tasks extend --out runs/extend`, same machine: 285 s, killed, then 56 s resumed (docs/results.md)
 EXTEND_TIME = "--tasks extend alone takes about 6 minutes on 2 CPU cores"
 BENCH_QUICK = "about 30 s on 2 CPU cores"
-# `rotary support` (200 architectures of transformers 5.25, one thread), same machine, 2026-12-07, other jobs running:
-# 128-134 s for the sweep, 140 s wall clock with the imports
-SUPPORT_TIME = "about 2-3 minutes on 2 CPU cores"
+# `rotary support` (200 causal LMs of transformers 5.25 and 5 multimodal models, one thread), same machine,
+# 2026-12-07, nothing else running: 189 s for the sweep, 200 s wall clock with the imports
+SUPPORT_TIME = "about 3-4 minutes on 2 CPU cores"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"extend: fine-tuning steps of every trained variant (default {ExtendConfig.steps})")
     cmp.set_defaults(func=_compare)
     sup = sub.add_parser(
-        "support", help="check rotary.hf.install on every causal-LM architecture of the installed transformers",
-        description="Build every architecture of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES at a tiny size and "
+        "support", help="check rotary.hf.install on every causal-LM architecture of the installed transformers "
+        "(and the vision-language models and Whisper)",
+        description="Build every architecture of transformers' MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (and Qwen2-VL, "
+        "Qwen2.5-VL, Qwen3-VL, Gemma 3 multimodal, Whisper) at a tiny size and "
         "check the default install, learned_freq=True, LoRA and the fold to a stock checkpoint end to end; write "
         f"the verdicts as markdown ({SUPPORT_TIME}).")
     sup.add_argument("--only", action="append", metavar="MODEL_TYPE[,...]",

@@ -16,8 +16,9 @@ fused per head (GPT-NeoX,       ``query_key_value``                  rows ``[q_h
 Persimmon, Falcon)                                                   its q and k rows (Falcon: ``[q | k | v]``
                                                                      with one key head, or ``[q_1..q_n k v]``
                                                                      per key-value group)
-latent (DeepSeek V2/V3,         ``q_b_proj`` (or ``q_proj``),        each query head's RoPE slice (its last r
-MiniCPM3, GLM-4-MoE-Lite)       ``kv_a_proj_with_mqa``               rows); the shared RoPE key (the last r rows)
+latent (DeepSeek V2/V3,         ``q_b_proj`` (or ``q_proj``,         each query head's RoPE slice (the last r
+MiniCPM3, GLM-4-MoE-Lite, AXK)  ``q_gate_proj``),                    rows of its query); the shared RoPE key
+                                ``kv_a_proj_with_mqa``               (the last r rows)
 ==============================  ===================================  =========================================
 
 Layers: every entry of the layer list whose attention takes ``position_embeddings`` (the model's cos/sin), and
@@ -29,8 +30,9 @@ hybrids Qwen3-Next, Qwen3.5, ...) are left alone. A layer whose attention is of 
 Pairing (:func:`rope_pairing`): transformers models rotate pairs ``(i, i + r/2)`` (``rotate_half``) or
 ``(2i, 2i + 1)`` (Cohere, ERNIE 4.5, Helium, GLM, Llama 4, DeepSeek's complex RoPE), over the first r channels.
 A Givens plane equal to a rotated pair commutes with RoPE and cancels between q and k: it must be known, not
-assumed. It is read off the host's own function: its module's ``apply_rotary_pos_emb`` applied to the identity
-at a few positions gives the rotation R(m) itself, whose 2 x 2 blocks are the pairs.
+assumed. It is read off the host's own function, the one the attention's forward calls (found in its source):
+applied to the identity at a few positions m_t it gives A(m_t), and ``A(m_0)^T A(m_t) = R(m_t - m_0)`` whatever
+fixed reordering its output has (DeepSeek V3's interleave); the 2 x 2 blocks of R are the pairs.
 """
 
 from __future__ import annotations
