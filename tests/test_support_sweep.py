@@ -14,6 +14,8 @@ pytest.importorskip("peft")
 
 from rotary.lab import support
 
+pytestmark = pytest.mark.sweep  # 3-4 minutes: `pytest -m sweep`; CI runs it after the README's test command
+
 
 @pytest.fixture(scope="module")
 def summary():
