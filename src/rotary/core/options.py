@@ -1,6 +1,6 @@
 """``RotaryOptions``: everything that defines a :class:`rotary.Rotary`, validated once, in one frozen record.
 
-The record is what checkpoints store: the reference decoder's config, Hugging Face's ``config.rotary`` and the
+The record is what checkpoints store: the reference decoder's config, Hugging Face's ``config.rotary_install`` and the
 install records of the integrations all hold :meth:`RotaryOptions.to_dict` and rebuild with
 :meth:`RotaryOptions.from_dict` (then ``Rotary.from_options``). Derived values (``base`` from a scaling's
 ``rope_theta``, ``rotary_dim`` from its ``partial_rotary_factor`` or from head_dim, Givens on 3-dimensional heads

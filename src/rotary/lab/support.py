@@ -767,8 +767,9 @@ def _fold_and_reload(model: nn.Module, reference: torch.Tensor, ids: Inputs, sto
         extra = sorted(set(model.state_dict()) - stock_keys)
         if extra:
             problems.append(f"extra keys {extra[:3]}")
-        if "rotary" in model.config.to_dict():
-            problems.append("config.rotary remains")
+        left = sorted({"rotary", "rotary_install"} & set(model.config.to_dict()))
+        if left:
+            problems.append(f"config.{left[0]} remains")
         return Check("fold", d <= EXACT_TOL and not problems, d, "; ".join(problems))
 
     if _guard(checks, "fold", fold, refusals=True).value is None:
@@ -1375,7 +1376,7 @@ def render(report: Report, command: str = "rotary support") -> str:
         f"- cache: prefill of {LENGTH - DECODE_STEPS} tokens, then {DECODE_STEPS} single-token steps with the KV "
         f"cache, against the full sequence, <= {EXACT_TOL:g};",
         f"- fold: `rotary.fold` keeps the logits (<= {EXACT_TOL:g}) and leaves the stock state_dict keys, no install "
-        "record and no `config.rotary`; `refused: ...` where rotary refuses to fold;",
+        "record and no `config.rotary_install`; `refused: ...` where rotary refuses to fold;",
         f"- reload: `save_pretrained`, then stock `AutoModelForCausalLM.from_pretrained`: the same logits (<= "
         f"{EXACT_TOL:g}) and no missing, unexpected or mismatched keys;",
         f"- uninstall: install, random P, `rotary.hf.uninstall`: the stock logits (<= {IDENTITY_TOL:g}) and keys;",

@@ -26,7 +26,7 @@ registered at ``<base model>.rotary_install``):
   applies it) in the dtype attention expects. With one ``rope_parameters`` per layer type (Gemma 3), one Rotary
   per type (at ``rotary_emb.rotary.<layer type>``, each starting at its type's angles) and ``layer_type`` picks
   it; ``scaling=`` is refused there (one dict for several types would be ambiguous).
-- the install options are recorded in ``model.config.rotary`` (:meth:`InstallOptions.to_dict`).
+- the install options are recorded in ``model.config.rotary_install`` (:meth:`InstallOptions.to_dict`).
 
 Folding (:func:`rotary.fold`): P moves into ``q_proj``/``k_proj`` (weights and biases), then the forwards, hooks
 and rotaries go, and so does the record: the module tree, state_dict and config are stock. With a q/k norm, the fold
@@ -269,8 +269,8 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         learned_freq: learnable frequencies, starting at the model's own; ``scaling``: a ``rope_parameters`` dict
             replacing the model's. Either makes the Rotary compute the model's cos/sin. Base, rotary dim and
             layout are the model's.
-        options: instead of the keywords, a recorded :class:`InstallOptions` (``config.rotary``), checked against
-            the model.
+        options: instead of the keywords, a recorded :class:`InstallOptions` (``config.rotary_install``), checked
+            against the model.
 
     Raises TypeError for a model it cannot handle (naming what it found), RuntimeError if a rotary is installed
     already, ValueError for bad options; in every case the model is left as it was.
@@ -292,7 +292,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
         raise RuntimeError(
             f"the config records a rotary install ({recorded(config)}) but the model has none: it was probably loaded "
             f"with from_pretrained, which drops the rotary's parameters; load it with rotary.hf.from_pretrained "
-            f"(or delete model.config.rotary to install afresh)"
+            f"(or delete model.config.rotary_install to install afresh)"
         )
     r = options.rotary
     angles = _changes_angles(r)

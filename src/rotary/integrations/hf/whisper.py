@@ -11,7 +11,7 @@ Every change is kept in the install record (:mod:`rotary.integrations.install`) 
 - ``decoder.rotary``: one plain :class:`rotary.Rotary` for the whole decoder, a registered submodule, so its
   parameters are in ``named_parameters()`` and ``state_dict()`` (``model.decoder.rotary.*``); the record's options
   are an extra-state entry (``model.decoder.rotary_install._extra_state``) that ``load_state_dict`` checks.
-- ``model.config.rotary``: the install options (:meth:`InstallOptions.to_dict`), so that ``config.json`` carries
+- ``model.config.rotary_install``: the install options (:meth:`InstallOptions.to_dict`), so that ``config.json`` carries
   them; a fold sets their ``mixing`` to None.
 - attention placement: the ``forward`` of every decoder *self*-attention is replaced (an instance attribute) by
   transformers' ``WhisperAttention.forward`` for self-attention with q and k rotated at their absolute positions
@@ -36,7 +36,7 @@ Every change is kept in the install record (:mod:`rotary.integrations.install`) 
   ``max_target_positions // 2``, is then lifted as well).
 
 Saving and reloading, bit-identical: ``model.save_pretrained(path)``, then ``rotary.hf.from_pretrained(
-WhisperForConditionalGeneration, path)`` (it reinstalls from ``config.rotary``). Loading a state_dict, strict or
+WhisperForConditionalGeneration, path)`` (it reinstalls from ``config.rotary_install``). Loading a state_dict, strict or
 not, into a model installed with other options is a clear error naming both.
 :func:`uninstall` removes everything install added; :func:`rotary.fold` folds P into the decoder self-attention
 ``q_proj``/``k_proj`` (the RoPE stays installed: HF Whisper has none of its own).
@@ -256,7 +256,7 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
             ``"embedding"`` (the original module's form), False for ``"attention"`` (RoPE replaces the table and
             lifts the ``max_target_positions`` cap).
         mixing, interleaved, rotary_dim, base, learned_freq, scaling: the options of :class:`rotary.Rotary`.
-        options: instead of the keywords, a recorded :class:`InstallOptions` (``config.rotary``).
+        options: instead of the keywords, a recorded :class:`InstallOptions` (``config.rotary_install``).
 
     Every check runs before the model is changed: after an error nothing is installed. A pretrained Whisper has
     never seen rotated queries, keys or embeddings: installing changes its outputs (even with P = I, RoPE itself

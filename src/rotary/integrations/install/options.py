@@ -3,7 +3,8 @@
 The Rotary's own options are a :class:`rotary.core.options.RotaryOptions`; the host's (where the rotation acts,
 whether the host's learned position table stays, one P per layer, how P is applied) sit next to it. The record is
 validated once, here, before any host model is touched; :meth:`InstallOptions.to_dict` is what checkpoints store
-(Hugging Face's ``config.rotary``, the install record's extra state) and :meth:`InstallOptions.from_dict` rebuilds it.
+(Hugging Face's ``config.rotary_install``, the install record's extra state) and :meth:`InstallOptions.from_dict`
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ __all__ = ["FORMAT", "MIX_NORM", "MIX_ON", "PLACEMENTS", "InstallOptions", "flag
 PLACEMENTS = ("attention", "embedding")
 MIX_ON = ("weights", "activations")
 MIX_NORM = ("before", "after")
-FORMAT = "rotary.install/1"  # the format tag of InstallOptions.to_dict (config.rotary, extra state)
+FORMAT = "rotary.install/1"  # the format tag of InstallOptions.to_dict (config.rotary_install, extra state)
 
 
 def flag(name: str, value) -> None:
