@@ -1,4 +1,5 @@
-"""Learned rotation P in transformers causal LMs that apply their own RoPE (Llama, Mistral, Qwen2, Qwen3, Gemma, ...).
+"""Learned rotation P in transformers decoders that apply their own RoPE: causal LMs (Llama, Qwen, Gemma, Cohere,
+GPT-NeoX, DeepSeek, hybrids, ...) and the language model of vision-language models (Qwen2/2.5/3-VL, Gemma 3).
 
     rotary.hf.install(model)          # P = I: the model computes exactly what it computed before
     ...train...
@@ -6,17 +7,18 @@
     model.save_pretrained(folder)     # a stock checkpoint: any engine serves it at no extra cost
 
 Such a model computes ``q = W_q x + b_q`` per head, then ``R(m) q`` with cos/sin that its ``rotary_emb`` computes
-once per forward and hands to every attention as ``position_embeddings`` (half layout, transformers'
-``rotate_half``). The install adds P before that RoPE, ``R(m) P q`` (likewise keys; grouped-query key heads share
-P), and changes nothing else; every change is kept in the install record (:mod:`rotary.integrations.install`,
-registered at ``<base model>.rotary_install``):
+once per forward and hands to every attention as ``position_embeddings``. Where its queries and keys come from
+(the attention layout) and which channel pairs its RoPE rotates are read off the model by
+:mod:`rotary.hf.layouts`. The install adds P before that RoPE, ``R(m) P q`` (likewise keys; grouped-query key heads
+share P), and changes nothing else; every change is kept in the install record
+(:mod:`rotary.integrations.install`, registered at ``<base model>.rotary_install``):
 
 - where P acts: by default (``mix_on="weights"``) on the projection weights: each ``q_proj``/``k_proj`` gets an
   instance ``forward`` computing ``F.linear(x, P W, P b)`` per head, O(heads * D^2 * C) flops per forward and
   nothing on the activations; ``mix_on="activations"``: a forward hook multiplies their outputs by P. Where a
   per-head norm sits between the projection and RoPE (Qwen3's ``q_norm``/``k_norm``), P must act after it: a
   forward hook on the norm.
-- where P lives: a plain :class:`rotary.Rotary` (half layout, the model's base and rotary dim) registered once at
+- where P lives: a plain :class:`rotary.Rotary` (the model's pairing, base and rotary dim) registered once at
   ``<base model>.rotary`` (``model.model.rotary``), shared by all layers; with ``per_layer=True`` one per
   attention, at ``layers[i].self_attn.rotary``. Its parameters are the model's (``named_parameters``,
   ``state_dict``, Trainer).
