@@ -306,3 +306,29 @@ def test_learned_frequencies_trained_with_lora_fold_to_stock(fold_first, tmp_pat
     merged.save_pretrained(tmp_path)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert_same(loaded, ids, expected, greedy)
+
+
+@pytest.mark.parametrize("model_type", ["llama4_text", "ministral3"])
+def test_complex_angles_and_attention_keys_fold_to_stock(model_type, tmp_path):
+    """Llama 4's rotary_emb returns freqs_cis (complex); Ministral 3's rope_parameters carry llama_4_scaling_beta,
+    which its attention reads (query scaling by position) and fold must keep as it is. Learned frequencies fold to
+    a config whose stock reload computes the trained logits."""
+    config = transformers.AutoConfig.for_model(
+        model_type, num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=None)
+    if model_type == "ministral3":
+        config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                  "original_max_position_embeddings": 64, "llama_4_scaling_beta": 0.1}
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    randomize(rotary.hf.install(model, learned_freq=True))
+    ids = tokens(length=20)
+    before = logits(model, ids)
+    rotary.fold(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    assert saved["rope_type"] == "longrope"
+    if model_type == "ministral3":
+        assert saved["llama_4_scaling_beta"] == 0.1
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert max_diff(logits(loaded, ids), before) <= 1e-4

@@ -52,7 +52,7 @@ from ...core.options import RotaryOptions
 from ..install import MIX_NORM, MIX_ON, Install, InstallOptions, find, flag
 from ._common import forget, recorded, require_transformers
 from .layouts import Attention, Geometry, Pairing, find_attentions, language_model, layer_list, rope_pairing
-from .stock import FoldAngles, other_rope_modules, per_layer_type
+from .stock import ATTENTION_KEYS, FoldAngles, other_rope_modules, per_layer_type
 
 __all__ = ["HOST", "install", "install_options", "uninstall"]
 
@@ -227,7 +227,7 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
 
 def _own_scaling(params: dict, head_dim: int, rotary_dim: int) -> dict:
     """The scaling dict of a Rotary computing the model's own angles, from its ``rope_parameters``."""
-    own = dict(params) or {"rope_type": "default"}  # GPT-J's config has none: transformers' default
+    own = {k: v for k, v in params.items() if k not in ATTENTION_KEYS} or {"rope_type": "default"}  # GPT-J: none
     factor = own.get("partial_rotary_factor")
     if factor is not None and int(head_dim * factor) != rotary_dim:
         # the channels the model's own function rotates are the truth (MiMo-V2-Flash rounds 16 x 0.334 to 6,

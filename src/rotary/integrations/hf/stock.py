@@ -42,16 +42,28 @@ from torch import Tensor, nn
 
 from ...core.module import Rotary
 
-__all__ = ["FoldAngles", "other_rope_modules", "per_layer_type", "rebuild", "stock_rope_parameters"]
+__all__ = ["ATTENTION_KEYS", "FoldAngles", "other_rope_modules", "per_layer_type", "rebuild", "stock_rope_parameters"]
 
 _TRANSFORMERS_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope", "proportional")
 _TOLERANCE = 1e-4  # transformers forms cos/sin from float32 frequencies, rotary from float64 ones
 
 
+ATTENTION_KEYS = ("llama_4_scaling_beta",)
+"""Keys of ``rope_parameters`` that transformers reads in the attention, not in the angles (Ministral 3 scales
+its queries by position with ``llama_4_scaling_beta``): not the Rotary's to learn, kept as they are at fold."""
+
+
 def stock_rope_parameters(rotary: Rotary, current: dict, max_positions: int, where: str = "") -> dict:
     """The ``rope_parameters`` dict (one layer type's, for per-layer-type configs) from which transformers computes
-    ``rotary``'s angles. ``current``: the model's own (its ``partial_rotary_factor`` is kept); ``max_positions``:
-    ``config.max_position_embeddings``. Raises ValueError, naming why, when no stock dict can express them."""
+    ``rotary``'s angles. ``current``: the model's own (its ``partial_rotary_factor`` and :data:`ATTENTION_KEYS` are
+    kept); ``max_positions``: ``config.max_position_embeddings``. Raises ValueError, naming why, when no stock dict
+    can express them."""
+    written = _angle_parameters(rotary, current, max_positions, where)
+    written.update({k: current[k] for k in ATTENTION_KEYS if k in current})
+    return written
+
+
+def _angle_parameters(rotary: Rotary, current: dict, max_positions: int, where: str) -> dict:
     angles = rotary.angles
     scaling = angles.scaling
     kind = "default" if scaling is None else scaling.rope_type
@@ -256,7 +268,9 @@ def _cos_sin(module: nn.Module, positions: Tensor, device, args: tuple) -> tuple
     attributes = dict(vars(module))
     try:
         with torch.no_grad():
-            cos, sin = module(torch.zeros(1, device=device), positions.to(device), *args)
+            out = module(torch.zeros(1, device=device), positions.to(device), *args)
+        # Llama 4, DeepSeek V2: freqs_cis = cos + i sin
+        cos, sin = (out.real, out.imag) if isinstance(out, Tensor) and out.is_complex() else out
         return cos.to("cpu", torch.float32), sin.to("cpu", torch.float32)
     except (KeyError, AttributeError, TypeError, ValueError, RuntimeError) as error:
         return error
