@@ -123,3 +123,39 @@ def test_gemma3_multimodal_with_an_image(options, tmp_path):
     loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     torch.testing.assert_close(logits(loaded.eval(), kwargs), trained, atol=1e-5, rtol=0)
+
+
+_GLM_TEXT = dict(_TEXT, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                     "mrope_section": [1, 1, 2], "partial_rotary_factor": 0.5})
+_GLM_VISION = dict(depth=1, hidden_size=32, num_heads=2, out_hidden_size=64, intermediate_size=64)
+OTHER_VLMS = {  # the language model's layout and RoPE come from a text model rotary.hf already knows
+    "glm4v": dict(text_config=_GLM_TEXT, vision_config=_GLM_VISION),
+    "glm4v_moe": dict(text_config=dict(_GLM_TEXT, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       first_k_dense_replace=1, n_group=1, topk_group=1), vision_config=_GLM_VISION),
+    "mistral3": dict(text_config=dict(_TEXT, head_dim=16, model_type="mistral"),  # Pixtral's vision tower
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, head_dim=16, image_size=28, patch_size=14)),
+    "internvl": dict(text_config=dict(_TEXT, head_dim=16, model_type="qwen2"),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=[28, 28], patch_size=[14, 14])),
+}
+
+
+@pytest.mark.parametrize("model_type", list(OTHER_VLMS))
+def test_other_vision_language_models_with_text(model_type, tmp_path):
+    """GLM-4V and GLM-4V-MoE (M-RoPE on half of each head), Mistral 3 (Pixtral), InternVL: P in the language
+    model acts and folds to a checkpoint that a stock from_pretrained reloads; text inputs only."""
+    config = transformers.AutoConfig.for_model(model_type, **OTHER_VLMS[model_type])
+    torch.manual_seed(0)
+    stock_model = transformers.AutoModelForImageTextToText.from_config(config).eval()
+    kwargs = inputs(False)
+    stock = logits(stock_model, kwargs)
+    model = rotary.hf.install(copy.deepcopy(stock_model))
+    torch.testing.assert_close(logits(model, kwargs), stock, atol=1e-5, rtol=0)
+    trained = logits(perturb(model), kwargs)
+    assert (trained - stock).abs().max() > 1e-4
+    rotary.fold(model)
+    model.save_pretrained(tmp_path)
+    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(loaded.eval(), kwargs), trained, atol=1e-5, rtol=0)
