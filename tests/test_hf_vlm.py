@@ -60,6 +60,21 @@ def perturb(model):
     return model
 
 
+def install_train_fold_reload(stock_model, kwargs, folder, **options):
+    """Install (the stock logits), move P away from the identity (the logits move), fold, save: a stock
+    from_pretrained of the folder computes the trained logits, with no missing or unexpected key."""
+    stock = logits(stock_model, kwargs)
+    model = rotary.hf.install(copy.deepcopy(stock_model), **options)
+    torch.testing.assert_close(logits(model, kwargs), stock, atol=1e-5, rtol=0)
+    trained = logits(perturb(model), kwargs)
+    assert (trained - stock).abs().max() > 1e-4
+    rotary.fold(model)
+    model.save_pretrained(folder)
+    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(loaded.eval(), kwargs), trained, atol=1e-5, rtol=0)
+
+
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def vlm(request):
     return qwen(request.param)
@@ -113,16 +128,7 @@ def test_gemma3_multimodal_with_an_image(options, tmp_path):
     ids[0, 2], ids[0, 3:7], ids[0, 7] = START, IMAGE, VIDEO
     kwargs = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1)),
               "token_type_ids": (ids == IMAGE).long()}
-    stock = logits(stock_model, kwargs)
-    model = rotary.hf.install(copy.deepcopy(stock_model), **options)
-    torch.testing.assert_close(logits(model, kwargs), stock, atol=1e-5, rtol=0)
-    trained = logits(perturb(model), kwargs)
-    assert (trained - stock).abs().max() > 1e-4
-    rotary.fold(model)
-    model.save_pretrained(tmp_path)
-    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    torch.testing.assert_close(logits(loaded.eval(), kwargs), trained, atol=1e-5, rtol=0)
+    install_train_fold_reload(stock_model, kwargs, tmp_path, **options)
 
 
 _GLM_TEXT = dict(_TEXT, head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -149,13 +155,4 @@ def test_other_vision_language_models_with_text(model_type, tmp_path):
     torch.manual_seed(0)
     stock_model = transformers.AutoModelForImageTextToText.from_config(config).eval()
     kwargs = inputs(False)
-    stock = logits(stock_model, kwargs)
-    model = rotary.hf.install(copy.deepcopy(stock_model))
-    torch.testing.assert_close(logits(model, kwargs), stock, atol=1e-5, rtol=0)
-    trained = logits(perturb(model), kwargs)
-    assert (trained - stock).abs().max() > 1e-4
-    rotary.fold(model)
-    model.save_pretrained(tmp_path)
-    loaded, info = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    torch.testing.assert_close(logits(loaded.eval(), kwargs), trained, atol=1e-5, rtol=0)
+    install_train_fold_reload(stock_model, kwargs, tmp_path)
