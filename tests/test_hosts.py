@@ -155,8 +155,10 @@ def test_uninstall_restores_and_refusals_change_nothing(host):
     assert torch.equal(logits(model, ids), logits(stock, ids))
 
 
-def test_planes_avoid_the_host_pairs_and_pass_through():
-    """The pairing read off each host's own function, against what its modeling file does (by hand)."""
+def test_the_pairing_read_off_each_host_is_what_its_modeling_file_does():
+    """rotary_dim and pair layout read off each host's own function, against its modeling file read by hand (that
+    the planes then avoid the pairs and the pass-through channels: test_mixing.py, and every angle's gradient
+    above)."""
     expected = {"llama": (16, False), "cohere": (16, True), "glm": (8, True), "stablelm": (4, False),
                 "phi3": (8, False), "gpt_neox": (4, False), "deepseek_v3": (8, True)}
     for name, (rotary_dim, interleaved) in expected.items():

@@ -68,7 +68,7 @@ def test_planes_under_partial_rotary_each_touch_a_rotated_channel(D, r, pairs):
 
 def test_a_state_dict_brings_its_own_number_of_planes():
     """Checkpoints of versions that kept head_dim // 2 planes under partial rotary load as they were."""
-    old = GivensMixing(16, HALF(4))
+    today = GivensMixing(16, HALF(4))
     new = GivensMixing(16, HALF(4))
     assert new.planes.shape == (4, 2)
     state = {"planes": torch.tensor([(2 * k, 2 * k + 1) for k in range(8)]), "angles": torch.randn(8)}
@@ -76,7 +76,7 @@ def test_a_state_dict_brings_its_own_number_of_planes():
     expected = givens_matrix_reference(state["planes"], state["angles"], 16)
     torch.testing.assert_close(new.matrix(torch.float64), expected, atol=1e-12, rtol=0)
     new.reset_parameters()  # back to today's planes
-    assert torch.equal(new.planes, old.planes) and torch.equal(new.matrix(), torch.eye(16))
+    assert torch.equal(new.planes, today.planes) and torch.equal(new.matrix(), torch.eye(16))
 
 
 def test_planes_do_not_use_the_global_rng():

@@ -154,11 +154,16 @@ def _rope_parameters(config) -> tuple[dict, float | None]:
 
 
 # --------------------------------------------------------------------------------------------- options
-def install_options(model: nn.Module, *, mixing: str | None = "givens", per_layer: bool = False,
-                    mix_on: str = "weights", mix_norm: str = "before", **rotary_options) -> InstallOptions:
+def install_options(model: nn.Module, **options) -> InstallOptions:
     """The :class:`InstallOptions` that :func:`install` builds for ``model`` from its keyword arguments (the
-    model's geometry: heads, head_dim, base, rotary dim, half layout); raises ValueError or TypeError, naming the
+    model's geometry: heads, head_dim, base, rotary dim, RoPE pairing); raises ValueError or TypeError, naming the
     value, for bad ones. Nothing is changed."""
+    return _options(_inspect(model), **options)
+
+
+def _options(host: _Host, *, mixing: str | None = "givens", per_layer: bool = False, mix_on: str = "weights",
+             mix_norm: str = "before", **rotary_options) -> InstallOptions:
+    """:func:`install_options` for what :func:`_inspect` found (the probe of the host runs once per install)."""
     unknown = sorted(set(rotary_options) - {"learned_freq", "scaling"})
     if unknown:
         taken = [n for n in unknown if n in _TAKEN_FROM_MODEL]
@@ -178,7 +183,6 @@ def install_options(model: nn.Module, *, mixing: str | None = "givens", per_laye
     angles = learned_freq or scaling is not None
     if mixing is None and not angles:
         raise ValueError("nothing to install: mixing=None and no option that changes the angles")
-    host = _inspect(model)
     heads, head_dim, rotary_dim = host.heads, host.head_dim, host.pairing.rotary_dim
     params, theta = _rope_parameters(host.config)
     # the host's pairing: P's planes avoid its rotated pairs and its pass-through channels
@@ -278,11 +282,11 @@ def install(model: nn.Module, *, options: InstallOptions | None = None, **kwargs
     already, ValueError for bad options; in every case the model is left as it was.
     """
     require_transformers()
-    if options is None:
-        options = install_options(model, **kwargs)
-    elif kwargs:
+    if options is not None and kwargs:
         raise TypeError(f"pass either options= or keyword options, not both (got {sorted(kwargs)})")
     host = _inspect(model)
+    if options is None:
+        options = _options(host, **kwargs)
     _check_record(options, host)
     base, rotary_emb, attentions, config = host.base, host.rotary_emb, host.attentions, model.config
     cos_layout, sin_first = host.pairing.cos_layout, host.pairing.sin_first

@@ -229,7 +229,7 @@ def _takes_position_embeddings(module: nn.Module) -> bool:
 
 def find_attentions(base: nn.Module, config, where: str) -> list[Attention]:
     """The RoPE attentions of ``base``'s layers (see the module docstring); raises TypeError naming what it found."""
-    attentions, skipped = [], []
+    attentions = []
     layer_types = getattr(config, "layer_types", None)
     layers = layer_list(base)
     for i, layer in enumerate(layers):
@@ -239,11 +239,9 @@ def find_attentions(base: nn.Module, config, where: str) -> list[Attention]:
         if isinstance(kind, str) and any(w in kind for w in _NOT_ROPE_TYPES):
             rope = []  # MiniMax's lightning attention takes position_embeddings and ignores them
         if not rope:  # linear attention, Mamba, convolution layers of a hybrid: no RoPE to put P before
-            skipped.append(i)
             continue
         name, attn = rope[0]
         if getattr(attn, "use_rope", True) is False:  # a NoPE layer: P would cancel between q and k
-            skipped.append(i)
             continue
         layout = next((lay for lay in LAYOUTS if lay.matches(attn)), None)
         if layout is None:
