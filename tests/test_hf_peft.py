@@ -98,6 +98,33 @@ def test_p_trains_with_the_adapter_and_acts_on_the_whole_adapted_projection(orde
     assert max_diff(logits(model, ids), reference) <= 1e-5
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients_with_lora(reentrant):
+    # P acts on the adapted projections' outputs (an autograd function without a gather): checkpointing recomputes
+    # it, reentrant or not, and every gradient (LoRA's and P's) is what the plain run gives
+    stock = tiny(attn="sdpa")
+    models = [peft_with_rotary("peft first", stock) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    with torch.no_grad():
+        for model in models:
+            for name, p in model.named_parameters():
+                if "rotary.modules_to_save" in name and p.requires_grad:
+                    p.copy_(torch.linspace(-0.7, 0.9, p.numel()).view_as(p))  # P away from the identity
+    models[1].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    models[1].enable_input_require_grads()  # what PEFT asks of reentrant checkpointing with frozen embeddings
+    assert models[1].get_base_model().model.gradient_checkpointing
+    ids = tokens()
+    grads = []
+    for model in models:
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert set(grads[0]) == set(grads[1]) and any("rotary" in n for n in grads[0])
+    assert all(grads[0][n].abs().max() > 0 for n in grads[0] if "angles" in n)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
 def test_disabled_adapters_give_the_stock_model_and_the_installed_p():
     stock = tiny()
     model = train(peft_with_rotary("peft first", stock))

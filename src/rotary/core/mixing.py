@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import compute_dtype
+from .planes import plane_slices, rotate_planes
 
 __all__ = ["GivensMixing", "OrthogonalMixing", "QuaternionMixing", "default_planes", "make_mixing", "resolve_kind"]
 
@@ -118,6 +119,7 @@ class GivensMixing(_Mixing):
         planes = default_planes(head_dim, rope_pairs)
         self.register_buffer("planes", torch.tensor(planes, dtype=torch.long))
         self.angles = nn.Parameter(torch.zeros(len(planes)))
+        self._slices = plane_slices(planes, head_dim)
 
     def reset_parameters(self) -> None:
         planes = torch.tensor(default_planes(self.head_dim, self._rope_pairs), device=self.planes.device)
@@ -126,6 +128,7 @@ class GivensMixing(_Mixing):
         with torch.no_grad():
             self.planes.copy_(planes)
             self.angles.zero_()
+        self._slices = plane_slices(planes.tolist(), self.head_dim)
 
     def _resize(self, n: int) -> None:
         self.planes = torch.zeros(n, 2, dtype=torch.long, device=self.planes.device)
@@ -138,6 +141,7 @@ class GivensMixing(_Mixing):
         if isinstance(planes, Tensor) and planes.dim() == 2 and planes.shape != self.planes.shape:
             self._resize(planes.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._slices = plane_slices(self.planes.tolist(), self.head_dim)  # read here, never on a hot path
 
     def coefficients(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
         """``(c, s, partner)``, each ``(head_dim,)``, with ``P x = c * x + s * x[..., partner]``."""
@@ -149,6 +153,17 @@ class GivensMixing(_Mixing):
         s = torch.zeros_like(ones).index_put((i,), -sin).index_put((j,), sin)
         partner = torch.arange(self.head_dim, device=t.device).index_put((i,), j).index_put((j,), i)
         return c, s, partner
+
+    def rotate(self, x: Tensor, dim: int = -1) -> Tensor:
+        """``P x`` along axis ``dim`` of x (size head_dim), with autograd, computed in x's dtype (the caller's
+        compute dtype): without a gather where the planes are strided (:mod:`rotary.core.planes`), else
+        ``c * x + s * x[partner]``. For P outside the RoPE kernel: an install's projection outputs or weight rows.
+        """
+        if self._slices is not None:
+            return rotate_planes(x, self.angles.to(device=x.device, dtype=x.dtype), self._slices, dim)
+        c, s, partner = (t.to(x.device) for t in self.coefficients(x.dtype))
+        moved = x.movedim(dim, -1)
+        return (moved * c + moved.index_select(-1, partner) * s).movedim(-1, dim)
 
     def _state_key(self) -> tuple:  # the base's key, spelled out: this runs at every decoding step
         a, p = self.angles, self.planes

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.fold import mix_rows
 from ..core.functional import compute_dtype
 from ..core.module import Rotary
 from ..core.options import RotaryOptions
-from .install import flag, prepare_fold_into
+from .install import flag, heads_mixer, prepare_fold_into
 
 __all__ = ["PLACEMENTS", "POSITIONAL", "Decoder", "DecoderConfig", "KVCache", "load", "save"]
 
@@ -207,19 +207,19 @@ class SelfAttention(nn.Module):
         *,
         offset: int,
         rotary: Rotary | None = None,
-        mixing: Tensor | None = None,
+        mixing: Callable[[Tensor], Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
-        """x ``(B, T, C)`` at positions ``offset ..``; mixing: P ``(D, D)`` applied to the q/k weights, or None."""
+        """x ``(B, T, C)`` at positions ``offset ..``; mixing: P per head on weight rows
+        (:func:`rotary.integrations.install.heads_mixer`), applied to the q/k weights, or None."""
         B, T, _ = x.shape
         if mixing is None:
             q, k = self.query(x), self.key(x)
         else:
-            P = mixing.to(x.dtype)
-            bias = self.query.bias
-            q = F.linear(x, mix_rows(self.query.weight, P), None if bias is None else mix_rows(bias, P))
-            k = F.linear(x, mix_rows(self.key.weight, P))
+            bias = self.query.bias  # in x's dtype, as Linear casts its weights (bf16 with a bf16 xa)
+            q = F.linear(x, mixing(self.query.weight).to(x.dtype), None if bias is None else mixing(bias).to(x.dtype))
+            k = F.linear(x, mixing(self.key.weight).to(x.dtype))
         q = q.view(B, T, self.heads, self.head_dim)  # (B, T, H, D)
         k = k.view(B, T, self.heads, self.head_dim)
         v = self.value(x).view(B, T, self.heads, self.head_dim)
@@ -280,7 +280,7 @@ class Block(nn.Module):
         *,
         offset: int,
         rotary: Rotary | None,
-        mixing: Tensor | None,
+        mixing: Callable[[Tensor], Tensor] | None,
         cache: KVCache | None,
         layer: int,
     ) -> Tensor:
@@ -355,9 +355,12 @@ class Decoder(nn.Module):
         if xa is not None:
             x = x.to(xa.dtype)
         rotary = self.rotary if attention else None
-        P = self.rotary.mixing_matrix(x.dtype) if attention else None  # (D, D), built once per forward
+        mixing = None
+        if attention and self.rotary.mixer is not None:  # P on the q/k weight rows: Givens elementwise
+            weight = self.blocks[0].attn.query.weight
+            mixing = heads_mixer(self.rotary, compute_dtype(weight.dtype), weight.device)
         for layer, block in enumerate(self.blocks):
-            x = block(x, xa, offset=offset, rotary=rotary, mixing=P, cache=cache, layer=layer)
+            x = block(x, xa, offset=offset, rotary=rotary, mixing=mixing, cache=cache, layer=layer)
         if cache is not None:
             cache.offset = offset + T
         x = self.ln(x)
@@ -373,7 +376,7 @@ class Decoder(nn.Module):
         return self.rotary.mixing_matrix(dtype) if self.rotary is not None else None
 
     def prepare_fold(self):
-        """:class:`rotary.fold.Foldable`: P into every block's query and key projections (attention placement);
+        """:class:`rotary.core.fold.Foldable`: P into every block's query and key projections (attention placement);
         the config's ``mixing`` becomes None, so that checkpoints rebuild the folded model."""
         if self.rotary is None:
             return None

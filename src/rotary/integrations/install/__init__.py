@@ -11,12 +11,12 @@ A host file keeps only what is host-specific: its inspection of the model and it
 """
 
 from .adapters import active, describe, is_adapter_layer, is_training_wrapper
-from .mix import MixedOutput, MixedWeights, commutes_with_rotations, plain_linear, prepare_fold_into
+from .mix import MixedOutput, MixedWeights, commutes_with_rotations, heads_mixer, plain_linear, prepare_fold_into
 from .options import FORMAT, MIX_NORM, MIX_ON, PLACEMENTS, InstallOptions, flag, is_record
 from .record import RECORD_NAME, Install, Placed, Target, find
 
 __all__ = [
     "FORMAT", "MIX_NORM", "MIX_ON", "PLACEMENTS", "RECORD_NAME", "Install", "InstallOptions", "MixedOutput",
-    "MixedWeights", "Placed", "Target", "active", "commutes_with_rotations", "describe", "find", "flag",
+    "MixedWeights", "Placed", "Target", "active", "commutes_with_rotations", "describe", "find", "flag", "heads_mixer",
     "is_adapter_layer", "is_record", "is_training_wrapper", "plain_linear", "prepare_fold_into",
 ]

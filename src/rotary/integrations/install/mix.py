@@ -23,7 +23,8 @@ from ...core.fold import check_placement, fold_mixing, mix_rows
 from ...core.functional import compute_dtype
 from ...core.module import Rotary
 
-__all__ = ["MixedOutput", "MixedWeights", "commutes_with_rotations", "fold_rows", "plain_linear", "prepare_fold_into"]
+__all__ = ["MixedOutput", "MixedWeights", "commutes_with_rotations", "fold_rows", "heads_mixer", "plain_linear",
+           "prepare_fold_into"]
 
 
 def plain_linear(module) -> bool:
@@ -37,27 +38,38 @@ projection's query and key rows), or a long index tensor (rows grouped per head,
 the RoPE slice of each head: latent attention)."""
 
 
-def _mix_some_rows(tensor: Tensor, P: Tensor, rows: Rows) -> Tensor:
-    """Per head, P times ``tensor``'s rows (``(N, C)`` weight or ``(N,)`` bias) in ``rows`` (None: all), in P's
-    dtype; the other rows (a fused projection's values) are left as they are."""
+def _mix_some_rows(tensor: Tensor, mix: Callable[[Tensor], Tensor], rows: Rows) -> Tensor:
+    """``mix`` (P per head, on whole-head rows) applied to ``tensor``'s rows (``(N, C)`` weight or ``(N,)`` bias)
+    in ``rows`` (None: all), in mix's dtype; the other rows (a fused projection's values) are left as they are."""
     if rows is None:
-        return mix_rows(tensor, P)
+        return mix(tensor)
     if isinstance(rows, slice):
-        part = mix_rows(tensor[rows], P)
-        return torch.cat((tensor[: rows.start].to(P.dtype), part, tensor[rows.stop:].to(P.dtype)))
+        part = mix(tensor[rows])
+        return torch.cat((tensor[: rows.start].to(part.dtype), part, tensor[rows.stop:].to(part.dtype)))
     index = rows.to(tensor.device)
-    part = mix_rows(tensor.index_select(0, index), P)
-    return tensor.to(P.dtype).index_copy(0, index, part)
+    part = mix(tensor.index_select(0, index))
+    return tensor.to(part.dtype).index_copy(0, index, part)
+
+
+def heads_mixer(rotary: Rotary, dtype: torch.dtype, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """P per head on rows ``(H * D, ...)``, computed in ``dtype``: Givens elementwise (``O(H * D * C)`` on a
+    weight, no product), any other P as a dense ``(D, D)`` product."""
+    D, rotate = rotary.head_dim, getattr(rotary.mixer, "rotate", None)
+    if rotate is not None:
+        return lambda t: rotate(t.to(dtype).unflatten(0, (-1, D)), dim=1).flatten(0, 1)
+    P = rotary.mixing_matrix(dtype).to(device)  # (D, D)
+    return lambda t: mix_rows(t, P)
 
 
 class MixedWeights:
     """A q/k projection's replaced ``forward``: ``F.linear(x, P W, P b)``, P per head on the weight rows and bias
     (on ``rows`` of them only, for a fused qkv projection).
 
-    P costs O(H * D^2 * C) per call on the weights; it is built from the Rotary's parameters at every call (never
-    cached: it is trained), in float32 at least, and rounded once to the weight's dtype. ``rotary`` is a callable
-    returning the Rotary in use (a PEFT adapter's copy, when PEFT trains it). Parameter names, state_dict and hooks
-    stay the projection's own.
+    P costs O(H * D * C) per call on the weights for Givens (elementwise), O(H * D^2 * C) for a dense P, whatever
+    the batch; it is built from the Rotary's parameters at every call (never cached: it is trained), in float32
+    at least, and rounded once to the weight's dtype. When the weight trains, its gradient is computed anyway,
+    so P adds only that elementwise work. ``rotary`` is a callable returning the Rotary in use (a PEFT adapter's
+    copy, when PEFT trains it). Parameter names, state_dict and hooks stay the projection's own.
     """
 
     def __init__(self, linear: nn.Linear, rotary: Callable[[], Rotary], rows: Rows = None):
@@ -66,10 +78,10 @@ class MixedWeights:
     def __call__(self, x: Tensor) -> Tensor:
         weight, bias = self.linear.weight, self.linear.bias
         # on the weight's device: the layers of one model may sit on several
-        P = self.rotary().mixing_matrix(compute_dtype(weight.dtype)).to(weight.device)  # (D, D)
-        weight = _mix_some_rows(weight, P, self.rows).to(weight.dtype)  # (N, C)
+        mix = heads_mixer(self.rotary(), compute_dtype(weight.dtype), weight.device)
+        weight = _mix_some_rows(weight, mix, self.rows).to(weight.dtype)  # (N, C)
         if bias is not None:
-            bias = _mix_some_rows(bias, P, self.rows).to(bias.dtype)
+            bias = _mix_some_rows(bias, mix, self.rows).to(bias.dtype)
         return F.linear(x, weight, bias)
 
 
@@ -77,9 +89,11 @@ class MixedOutput:
     """Forward hook: the module's output ``(..., H * D)`` times P per head (its channels in ``rows`` only, for a
     fused qkv projection).
 
-    P costs O(tokens * H * D) per call for Givens (elementwise: ``c * x + s * x[partner]``), O(tokens * H * D^2)
-    for a dense P; the module itself is untouched, whatever it is (an adapter-wrapped or
-    quantised projection, a per-head norm). ``rotary``: a callable returning the Rotary in use.
+    P costs O(tokens * H * D) per call for Givens (elementwise, and without a gather for the strided planes
+    :func:`rotary.core.mixing.default_planes` prefers), O(tokens * H * D^2) for a dense P; the module itself is
+    untouched, whatever it is (an adapter-wrapped or quantised projection, a per-head norm). With a frozen
+    weight (LoRA's base) this is the cheapest place for P: on the weights, P's gradient would need the weight's,
+    a product as large as the projection itself. ``rotary``: a callable returning the Rotary in use.
     """
 
     def __init__(self, rotary: Callable[[], Rotary], rows: Rows = None):
@@ -94,10 +108,9 @@ class MixedOutput:
         else:
             part = output if rows is None else output[..., rows]
         heads = part.unflatten(-1, (-1, rotary.head_dim)).to(dtype)  # (..., H, D)
-        coefficients = getattr(rotary.mixer, "coefficients", None)
-        if coefficients is not None:  # Givens: P x = c * x + s * x[partner], elementwise, O(D) per head
-            c, s, partner = (t.to(output.device) for t in coefficients(dtype))
-            heads = heads * c + heads.index_select(-1, partner) * s  # (a gather: no host sync to test for a roll)
+        rotate = getattr(rotary.mixer, "rotate", None)
+        if rotate is not None:  # Givens: elementwise, O(D) per head
+            heads = rotate(heads)
         else:
             heads = heads @ rotary.mixing_matrix(dtype).to(output.device).T
         mixed = heads.to(output.dtype).flatten(-2)
@@ -114,9 +127,9 @@ def fold_rows(P: Tensor, linears, rows: Rows = None) -> None:
     with torch.no_grad():
         for linear in linears:
             Pd = P.to(linear.weight.device)
-            linear.weight.copy_(_mix_some_rows(linear.weight, Pd, rows))
+            linear.weight.copy_(_mix_some_rows(linear.weight, lambda t, Pd=Pd: mix_rows(t, Pd), rows))
             if linear.bias is not None:
-                linear.bias.copy_(_mix_some_rows(linear.bias, Pd, rows))
+                linear.bias.copy_(_mix_some_rows(linear.bias, lambda t, Pd=Pd: mix_rows(t, Pd), rows))
 
 
 def commutes_with_rotations(norm: nn.Module, head_dim: int) -> str | None:
