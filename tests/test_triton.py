@@ -84,12 +84,12 @@ def close(a, b, atol=2e-5):
 
 @pytest.mark.parametrize("layout", ["BTHD", "BHTD"])
 @pytest.mark.parametrize("interleaved", [True, False])
-@pytest.mark.parametrize("r", [D, 6])
+@pytest.mark.parametrize("d, r", [(D, D), (D, 6), (16, 16)])  # 16: a whole power-of-two head, partners swapped
 @pytest.mark.parametrize("mix", [False, True])
-def test_forward_and_gradients_match_reference(layout, interleaved, r, mix):
-    x = torch.randn(B, T, H, D, device=DEVICE)
+def test_forward_and_gradients_match_reference(layout, interleaved, d, r, mix):
+    x = torch.randn(B, T, H, d, device=DEVICE)
     cos, sin = table(20, r)
-    g = givens_module(r, interleaved) if mix else None
+    g = givens_module(r, interleaved, d) if mix else None
     xin = (x if layout == "BTHD" else x.transpose(1, 2).contiguous()).requires_grad_()
     y = kernel.rope(xin, cos, sin, interleaved=interleaved, layout=layout, offset=5,
                     givens=None if g is None else g.coefficients())
@@ -163,21 +163,22 @@ def test_table_gathers_positions_in_kernel_with_gqa_keys(where):
 
 @pytest.mark.parametrize("shape", ["(B, T, r/2)", "(1, T, r/2)", "(B, T, H, r/2)", "table"])
 @pytest.mark.parametrize("mix", [False, True])
-def test_cos_sin_gradients(shape, mix):
+@pytest.mark.parametrize("d, r, interleaved", [(D, 8, True), (16, 16, False)])
+def test_cos_sin_gradients(shape, mix, d, r, interleaved):
     """Learned frequencies / directions: cos and sin carry gradients, which the kernel's backward computes."""
-    r = 8
-    x = torch.randn(B, T, H, D, device=DEVICE, requires_grad=True)
+    x = torch.randn(B, T, H, d, device=DEVICE, requires_grad=True)
     lead = {"(B, T, r/2)": (B, T), "(1, T, r/2)": (1, T), "(B, T, H, r/2)": (B, T, H), "table": (12,)}[shape]
     angles_t = torch.randn(*lead, r // 2, device=DEVICE)
     cos, sin = angles_t.cos().requires_grad_(), angles_t.sin().requires_grad_()
-    g = givens_module(r, True) if mix else None
+    g = givens_module(r, interleaved, d) if mix else None
     kw = {"positions": torch.tensor([3, 0, 11, 5, 5, 2, 7], device=DEVICE)} if shape == "table" else {}
-    y = kernel.rope(x, cos, sin, givens=None if g is None else g.coefficients(), layout="BTHD", **kw)
+    y = kernel.rope(x, cos, sin, givens=None if g is None else g.coefficients(), layout="BTHD",
+                    interleaved=interleaved, **kw)
     cd, sd = cos.detach().double().requires_grad_(), sin.detach().double().requires_grad_()
     ct, st = (cd[kw["positions"]][None], sd[kw["positions"]][None]) if shape == "table" else (cd, sd)
     angles = None if g is None else g.angles.detach().double().cpu().requires_grad_()
     xd = x.detach().double().requires_grad_()
-    ref = reference(xd, ct, st, True, g, angles)
+    ref = reference(xd, ct, st, interleaved, g, angles)
     close(y, ref)
     grad = torch.randn_like(ref)
     y.backward(grad.float())
@@ -420,3 +421,43 @@ def test_empty_inputs_launch_nothing():
     (yq.sum() + yk.square().sum()).backward()
     close(yk, reference(k, COS[:4][None], SIN[:4][None], True, g, g.angles.detach().double().cpu()))
     assert yq.shape == q.shape and k.grad.shape == k.shape and g.angles.grad is not None
+
+
+def test_compiled_decoder_sees_the_kernel_without_breaks_or_recompiles(fresh_dynamo):
+    """torch.compile(fullgraph=True) of a decoder on the kernel: each rotation decomposes into the kernel's launch
+    (a ``triton_kernel_wrapper_functional`` node Inductor can schedule: the ops are ``torch.library.triton_op``s),
+    one graph for every length once dynamo has marked the length dynamic (second call), eager's outputs and
+    gradients."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from rotary.integrations.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab=50, dims=32, heads=2, layers=2)).to(DEVICE)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("angles"):
+                p.normal_()
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    counter = CompileCounterWithBackend(aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for T in (5, 6, 9, 13):
+        tokens = torch.randint(0, 50, (2, T), device=DEVICE)
+        y = compiled(tokens)
+        got = torch.autograd.grad(y.square().sum(), params)
+        y_e = model(tokens)
+        want = torch.autograd.grad(y_e.square().sum(), params)
+        torch.testing.assert_close(y, y_e, atol=1e-5, rtol=1e-5)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert counter.frame_count == 2  # the first length, then one dynamic graph for all others
+    assert len(graphs) == 4  # forward and backward of both frames, each launching the kernel
+    assert all(any("triton_kernel_wrapper" in str(n.target) for n in g.graph.nodes) for g in graphs)

@@ -1,8 +1,13 @@
-"""The Triton kernel as registered custom ops with autograd: ``torch.compile`` traces them without a graph break.
+"""The Triton kernel as registered ops with autograd: ``torch.compile`` traces them without a graph break, and sees
+the kernel.
 
-``rotary::rope_fwd`` and ``rotary::rope_bwd`` are opaque to the compiler (``torch.library.custom_op``): Inductor
-calls them as they are, which is what a hand-written kernel at the memory floor wants. Their bodies import triton
-(through :mod:`rotary.core.triton_launch`) only when they run, so registering them needs no triton.
+``rotary::rope_fwd`` and ``rotary::rope_bwd`` are ``torch.library.triton_op``s: their bodies allocate with torch
+ops and launch through ``torch.library.wrap_triton`` (:mod:`rotary.core.triton_launch`), so under
+``torch.compile`` they decompose into those ops and a ``triton_kernel_wrapper_functional`` node Inductor can
+schedule (a ``custom_op`` would stay opaque); eager calls launch directly. (wrap_triton outside a triton_op is
+what broke compile in flash-attn#1680.) Their fake implementations (below) replace the bodies triton_op would
+trace for shapes: shapes only, no kernel analysis. This module is imported only when a Triton launch is wanted
+(:mod:`rotary.core.kernel`).
 
 Tensors are already in the kernel's orientation ``(A, T, H, D)`` (see :mod:`rotary.core.triton_kernel`) and
 validated by :mod:`rotary.core.kernel`. Outputs a call does not have (no keys, no Givens gradient) are empty
@@ -18,7 +23,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import triton_launch
+
 __all__ = ["rope_forward", "rope_inplace"]
+
+# torch.library.triton_op is torch >= 2.6; before it, the same bodies as custom ops (opaque, traced whole all the same)
+_op = getattr(torch.library, "triton_op", torch.library.custom_op)
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -34,12 +44,10 @@ def _keys_shift(x: Tensor, k: Tensor | None) -> tuple[int, int]:
     return (0, x.shape[1]) if k is None else (k.shape[1] - x.shape[1], k.shape[1])
 
 
-@torch.library.custom_op("rotary::rope_fwd", mutates_args=())
+@_op("rotary::rope_fwd", mutates_args=())
 def _rope_fwd(x: Tensor, k: Tensor | None, cos: Tensor, sin: Tensor, positions: Tensor | None,
               offsets: Tensor | None, c: Tensor | None, s: Tensor | None, partner: Tensor | None, offset: int,
               table: bool, interleaved: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    from . import triton_launch
-
     y = torch.empty_like(x, dtype=out_dtype)  # x's memory order: a transposed view stays one
     yk = _empty(x) if k is None else torch.empty_like(k, dtype=out_dtype)
     shift, _ = _keys_shift(x, k)
@@ -55,13 +63,11 @@ def _(x, k, cos, sin, positions, offsets, c, s, partner, offset, table, interlea
     return torch.empty_like(x, dtype=out_dtype), yk
 
 
-@torch.library.custom_op("rotary::rope_bwd", mutates_args=())
+@_op("rotary::rope_bwd", mutates_args=())
 def _rope_bwd(gy: Tensor, gk: Tensor | None, x: Tensor | None, k: Tensor | None, cos: Tensor, sin: Tensor,
               positions: Tensor | None, offsets: Tensor | None, c: Tensor | None, s: Tensor | None,
               partner: Tensor | None, offset: int, table: bool, interleaved: bool, need_cs: bool, need_trig: bool,
               x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from . import triton_launch
-
     gx = torch.empty_like(gy, dtype=x_dtype)
     gxk = _empty(gy) if gk is None else torch.empty_like(gk, dtype=x_dtype)
     shift, _ = _keys_shift(gy, gk)
@@ -152,12 +158,10 @@ class _Inplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, k, cos, sin, positions, offsets, givens, offset, table, interleaved):
-        from . import triton_launch
-
         shift, _ = _keys_shift(x, k)
         triton_launch.forward(x, x, cos, sin, interleaved=interleaved, x2=k, o2=k, shift1=shift, table=table,
                               positions=positions, offsets=offsets, offset=offset, givens=_givens(*givens)
-                              if givens is not None else None, inplace=True)
+                              if givens is not None else None, eager=True)
         ctx.mark_dirty(*([x] if k is None else [x, k]))
         ctx.args = (cos, sin, positions, offsets, givens, offset, table, interleaved)
         ctx.has_k = k is not None
