@@ -1,5 +1,6 @@
 """Every import the README and docs/ show a reader runs: a documented import that fails is a bug."""
 
+import importlib
 import pathlib
 import re
 
@@ -37,3 +38,84 @@ def test_documented_import_runs(page, line):
         exec(line, {})
     except ImportError as error:
         pytest.fail(f"{page}: `{line}` fails: {error!r}")
+
+
+# --- every Python block runs
+
+# A block that is deliberately not runnable (a fragment of the reader's own model, a loop to fill in) says so on
+# the line before its fence: `<!-- not run: why -->`, invisible on GitHub. The blocks of one page run in order in
+# one namespace (a later block may use an earlier one's names), in a scratch directory. A block that needs an
+# extra (transformers, openai-whisper, ...) is skipped, naming it, where that package is missing.
+_BLOCK = re.compile(r"(?:<!-- not run: (?P<why>[^>]*?) -->\n)?```python\n(?P<code>.*?)```", flags=re.S)
+BLOCKS = {page.name: [(page.read_text()[: m.start()].count("\n") + 1, m.group("why"), m.group("code"))
+                      for m in _BLOCK.finditer(page.read_text())]
+          for page in PAGES if page.name != "CHANGELOG.md"}
+
+
+def test_every_page_with_code_is_run():
+    runnable = {name for name, blocks in BLOCKS.items() if any(why is None for _, why, _ in blocks)}
+    assert {"README.md", "nd.md", "scaling.md", "decoder.md"} <= runnable
+    assert all(why.strip() for blocks in BLOCKS.values() for _, why, _ in blocks if why is not None)
+
+
+@pytest.mark.parametrize("page", [name for name, blocks in BLOCKS.items() if blocks])
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": f"docs_{page}"}
+    for line, why, code in BLOCKS[page]:
+        if why is not None:
+            continue
+        try:
+            exec(compile(code, f"{page}:{line}", "exec"), namespace)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.split(".")[0] != "rotary":
+                pytest.skip(f"{page}:{line} needs {error.name} (an extra: see pyproject.toml)")
+            raise
+
+
+# --- every dotted name a reader may look up resolves
+
+# `rotary.x.y` in the docs (between backticks; not a state_dict key such as `rotary.mixer.*`, not an attribute
+# path such as `model.rotary.mixer`), and :mod:/:func:/... roles and ``rotary.x`` in the package's docstrings.
+_DOC_NAME = re.compile(r"(?<![\w.])(rotary(?:\.[A-Za-z_]\w*)+)(?!\w|\.\*|\.\w)")
+_SRC_NAME = re.compile(r":(?:mod|func|class|meth|data|attr|obj):`~?(rotary(?:\.\w+)+)`|``(rotary(?:\.\w+)+)")
+SRC = sorted((ROOT / "src" / "rotary").glob("**/*.py"))
+
+
+def _resolves(name: str) -> bool | None:
+    """Whether ``name`` is a module or an attribute path below one; None where an extra it needs is missing."""
+    parts = name.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError as error:
+            if error.name and error.name.split(".")[0] != "rotary":
+                return None
+            continue
+        except ImportError:  # e.g. rotary.hf.whisper: a submodule under the short name, not importable as such
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def _names() -> list[tuple[str, str]]:
+    found = set()
+    for page in PAGES:
+        if page.name == "CHANGELOG.md":
+            continue
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            found |= {(page.name, m.group(1)) for m in _DOC_NAME.finditer(span)
+                      if not m.group(1).endswith((".py", ".md", ".json"))}  # file names
+    for path in SRC:
+        for m in _SRC_NAME.finditer(path.read_text()):
+            found.add((path.name, m.group(1) or m.group(2)))
+    return sorted(found)
+
+
+def test_every_named_rotary_object_exists():
+    missing = [f"{where}: {name}" for where, name in _names() if _resolves(name) is False]
+    assert not missing, "names that do not resolve (moved? renamed?):\n" + "\n".join(missing)

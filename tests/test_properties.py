@@ -33,7 +33,6 @@ from conftest import ulp
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
-import rotary
 from rotary import Rotary, apply_rotary, apply_rotary_reference, rotary_reference
 from rotary.core.reference import rotary_nd_reference
 
@@ -441,10 +440,3 @@ def test_nd_positions_equal_the_float64_reference(m, dtype, B, T, kind, layout, 
         w = w[:h] if w.dim() == 3 else w
         ref = rotary_nd_reference(x4, pos, w, interleaved=m.interleaved, mixing=m.mixing_matrix(torch.float64))
         _check(_as_bthd(got, qc, h), ref, _tolerance(ref, x4, qc) + _angle_slack(pos, w, x4), f"N-D rotate_qk {what}")
-
-
-def test_profiles_are_registered():
-    """CI runs the derandomized profile unless told otherwise; the thorough one tries many more cases."""
-    assert settings.get_profile("ci").derandomize
-    assert settings.get_profile("thorough").max_examples > 10 * settings.get_profile("ci").max_examples
-    assert rotary.Rotary is Rotary

@@ -3,10 +3,10 @@
 Shapes: B batch, T tokens, n position axes, r rotary_dim, r/2 the rotated pairs, H heads.
 
 The angle of pair i at position m is ``m * w_i`` (1-D) or ``<w_i, r>`` (N-D positions r, see
-:mod:`rotary.directions`). The frequencies ``w_i`` are standard RoPE's ``base ** (-2i / r)``, reshaped by a
-context-extension scheme (:mod:`rotary.scaling`), and times ``exp(log_freq_scale_i)`` when they are learned. What
+:mod:`rotary.core.directions`). The frequencies ``w_i`` are standard RoPE's ``base ** (-2i / r)``, reshaped by a
+context-extension scheme (:mod:`rotary.core.scaling`), and times ``exp(log_freq_scale_i)`` when they are learned. What
 the rotation needs is cos and sin of those angles (times a scheme's attention factor), in float32, for the
-positions of a call (:mod:`rotary.positions`): :meth:`Angles.cos_sin` is the one place that decides whether the
+positions of a call (:mod:`rotary.core.positions`): :meth:`Angles.cos_sin` is the one place that decides whether the
 table serves them (gathered or sliced) or they are computed directly.
 
 The table (``cos_table``/``sin_table``, ``(rows, r/2)`` float32, and ``cis_table``, their complex form for the
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .directions import Directions
 from .frequencies import angle_dtype, inverse_frequencies, rotary_angles
 from .options import RotaryOptions
-from .positions import Span
+from .positions import Span, index_range
 
 __all__ = ["Angles"]
 
@@ -53,18 +53,15 @@ class Angles(nn.Module):
                        None if options.sections is None else list(options.sections))
             if options.nd else None
         )
-        # Fixed at construction, and read at every decode step: a plain attribute, not a property chain.
+        # Fixed at construction, and read at every call: plain attributes, not property chains (a microsecond each).
+        # length_dependent: whether the angles depend on the sequence length (dynamic NTK, LongRoPE).
+        self.length_dependent = self.scaling is not None and self.scaling.depends_on_length
         self.fixed = not self.learned and not self.length_dependent
         self.register_buffer("cos_table", torch.empty(0, pairs), persistent=False)
         self.register_buffer("sin_table", torch.empty(0, pairs), persistent=False)
         self.build_table(0 if self.length_dependent else INITIAL_ROWS)
 
     # ----------------------------------------------------------------------------------------- what kind
-    @property
-    def length_dependent(self) -> bool:
-        """Whether the angles depend on the sequence length (dynamic NTK, LongRoPE)."""
-        return self.scaling is not None and self.scaling.depends_on_length
-
     @property
     def learned(self) -> bool:
         """Whether the angles depend on a parameter (learned frequencies or directions)."""
@@ -83,10 +80,6 @@ class Angles(nn.Module):
             self.directions.reset_parameters()
 
     # ----------------------------------------------------------------------------------------- frequencies
-    @property
-    def device(self) -> torch.device:
-        return self.cos_table.device
-
     def _base_frequencies(self, device, length: Tensor | None = None) -> Tensor:
         dtype = angle_dtype(device)
         if self.directions is not None:  # N-D: the magnitude of each w_i (its only axis' frequency if separable)
@@ -114,6 +107,7 @@ class Angles(nn.Module):
     # ----------------------------------------------------------------------------------------- the table
     def build_table(self, rows: int) -> None:
         """(Re)build rows ``0 .. rows - 1`` of the table on the module's device; 0 rows drops it."""
+        self.device = self.cos_table.device  # where the table lives, a plain attribute: read at every call
         with torch.inference_mode(False):  # growing under inference_mode must not leave inference tensors behind
             positions = torch.arange(rows, device=self.device, dtype=angle_dtype(self.device))
             self.cos_table, self.sin_table = self._finish(rotary_angles(positions, self._base_frequencies(self.device)),
@@ -128,6 +122,11 @@ class Angles(nn.Module):
         super()._apply(fn, recurse)
         self.build_table(self.cos_table.shape[0])
         return self
+
+    @property
+    def rows(self) -> int:
+        """Rows the table holds now."""
+        return self.cos_table.shape[0]
 
     def grow(self, rows: int) -> bool:
         """Grow the table (doubling) to hold ``rows`` rows, if that stays within ``MAX_ROWS``; eager only.
@@ -146,6 +145,17 @@ class Angles(nn.Module):
         self.build_table(size)
         return True
 
+    def holds(self, end) -> bool:
+        """Whether the table holds rows ``0 .. end - 1``, grown to if need be (:meth:`grow`). A symbolic end
+        (``torch.export`` with a dynamic length) only where it provably does, for every length the graph takes:
+        a guard on it would pin the length; the rest is computed directly."""
+        if type(end) is int:
+            return self.grow(end)
+        # imported here: symbolic_shapes loads sympy, and only a trace (which has loaded it) gets here
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(end <= self.rows)
+
     def _finish(self, angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cos, sin = angles.cos(), angles.sin()
         if self.attention_factor != 1.0:  # yarn / longrope: transformers scales cos and sin, so do we
@@ -162,25 +172,28 @@ class Angles(nn.Module):
         :class:`Span` results (``(B, T, r/2)``).
 
         The table serves a call when its angles are fixed, the result is float32 and the positions are integers
-        inside ``[0, MAX_ROWS)`` (it grows to hold them, in eager mode; a compiled graph slices it for an int
-        offset and computes everything else); everything else is computed directly.
+        inside ``[0, MAX_ROWS)`` (it grows to hold them, in eager mode; a compiled or exported graph slices it for
+        an int offset whose rows it provably holds and computes everything else); everything else is computed
+        directly.
         """
         table = self.fixed and dtype == torch.float32
-        if isinstance(where, Span):  # a slice of the table, also in a compiled graph (it cannot grow there)
-            if table and self.grow(where.start + where.count):
-                return self.cos_table[where.start : where.start + where.count], \
-                    self.sin_table[where.start : where.start + where.count]
+        if isinstance(where, Span) and not isinstance(where.start, Tensor):
+            end = where.start + where.count
+            # a slice of the table, also in a graph where the end provably lies inside it (it cannot grow there)
+            if table and self.holds(end):
+                return self.cos_table[where.start : end], self.sin_table[where.start : end]
+        if isinstance(where, Span):
             where = where.tensor(self.device)
         where = where.to(self.device)
-        serves = table and not torch.compiler.is_compiling()  # a gather needs the host sync below: eager only
         if self.directions is not None:
-            return self._cos_sin_nd(where, dtype, serves)
-        if not serves or where.is_floating_point() or where.numel() == 0:
+            return self._cos_sin_nd(where, dtype, table)
+        span = index_range(where) if table else None
+        if span is None:
             return self._direct(where, dtype, length)
-        lo, hi = (int(v) for v in torch.aminmax(where))  # one host sync: the price of choosing gather or direct
+        lo, hi = span
         if lo >= 0:
             self.grow(hi + 1)
-        rows = self.cos_table.shape[0]
+        rows = self.rows
         if lo >= 0 and hi < rows:
             return self.cos_table[where], self.sin_table[where]
         inside = (where >= 0) & (where < rows)  # some rows from the table, the rest computed
@@ -196,18 +209,17 @@ class Angles(nn.Module):
             freqs = freqs.unsqueeze(-2)
         return self._finish(rotary_angles(positions, freqs), dtype)
 
-    def _cos_sin_nd(self, positions: Tensor, dtype: torch.dtype, serves: bool) -> tuple[Tensor, Tensor]:
+    def _cos_sin_nd(self, positions: Tensor, dtype: torch.dtype, table: bool) -> tuple[Tensor, Tensor]:
         """cos/sin of ``<w_i, r>`` at positions ``(..., n)``. Separable directions (axial, sections) at integer
         positions gather each pair's column of the table at its own axis' coordinate (no trigonometry per call);
         everything else is computed directly, angles in float64."""
         d = self.directions
-        if serves and d.separable and not positions.is_floating_point() and positions.numel() > 0:
-            index = positions.index_select(-1, d.pair_axis)  # (..., r/2): each pair's own coordinate
-            lo, hi = (int(v) for v in torch.aminmax(index))  # one host sync, as in the 1-D path
-            if lo >= 0 and self.grow(hi + 1):
-                flat = index.reshape(-1, index.shape[-1])  # (N, r/2)
-                cos, sin = self.cos_table.gather(0, flat), self.sin_table.gather(0, flat)
-                return cos.view(index.shape), sin.view(index.shape)
+        index = positions.index_select(-1, d.pair_axis) if table and d.separable else None  # (..., r/2)
+        span = None if index is None else index_range(index)  # each pair reads its own axis' coordinate
+        if span is not None and span[0] >= 0 and self.grow(span[1] + 1):
+            flat = index.reshape(-1, index.shape[-1])  # (N, r/2)
+            cos, sin = self.cos_table.gather(0, flat), self.sin_table.gather(0, flat)
+            return cos.view(index.shape), sin.view(index.shape)
         if d.per_head:
             return d.cos_sin(positions, dtype)  # no attention factor: N-D takes no scaling
         return self._finish(d.angles(positions, self.scale()), dtype)

@@ -224,7 +224,7 @@ def _rotary_composed(x, cos, sin, interleaved, c, s, partner, out_dtype):
 def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=None, out_dtype=None) -> Tensor:
     """Internal entry: ``R G x`` with cos/sin broadcastable to ``x[..., :r/2]``; no validation.
 
-    givens: None or ``(c, s, partner)`` from :meth:`rotary.mixing.GivensMixing.coefficients`.
+    givens: None or ``(c, s, partner)`` from :meth:`rotary.core.mixing.GivensMixing.coefficients`.
     out_dtype: dtype of the result (default x's): lets a float32 intermediate be rounded only once.
     """
     c, s, partner = givens if givens is not None else (None, None, None)

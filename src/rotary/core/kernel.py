@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 
 from .functional import rotate as torch_rotate
+from .positions import INDEX_DTYPES as _INDEX
+from .positions import check_offset as _check_offset
 
 __all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "rotate", "triton_available", "varlen_positions",
            "wants_triton"]
@@ -33,7 +35,6 @@ __all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "rotate", "trit
 MODES = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's inputs (float32 arithmetic)
 _DEVICES = ("cuda", "xpu")  # device types Triton compiles for
-_INDEX = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def kernel_mode() -> str:
@@ -117,11 +118,6 @@ def varlen_positions(cu_seqlens: Tensor, total: int, offsets: int | Tensor = 0) 
 
 def _describe(t) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def _check_offset(offset) -> None:
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
 
 
 def _heads(x: Tensor, layout: str, name: str) -> Tensor:

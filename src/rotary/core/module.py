@@ -11,6 +11,7 @@ The class composes the pieces, one concept a file: :mod:`~rotary.core.options` (
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 from torch import Tensor, nn
@@ -21,10 +22,10 @@ from .directions import trig_gradient
 from .functional import compute_dtype
 from .functional import rotate as rotate_torch
 from .inference import rotate_no_grad
-from .layout import LAYOUTS, as_heads, qk_match, transposed_buffer
-from .mixing import GivensMixing, make_mixing
+from .layout import as_heads, qk_match, transposed_buffer
+from .mixing import GivensMixing, OrthogonalMixing, make_mixing
 from .options import RotaryOptions
-from .positions import Span, check_length, resolve
+from .positions import Span, Where, check_length, index_range, resolve
 
 __all__ = ["Rotary", "rotary"]
 
@@ -47,7 +48,7 @@ class Rotary(nn.Module):
         rotary_dim: channels rotated by RoPE, even, at most head_dim; default head_dim rounded down to even.
             The rest pass through RoPE unchanged (P still mixes all head_dim channels).
         learned_freq: make the frequencies learnable, as ``w_i * exp(log_freq_scale_i)`` with the scale at zero.
-        scaling: a context-extension scheme as a Hugging Face ``rope_parameters`` dict (see :mod:`rotary.scaling`),
+        scaling: a context-extension scheme as a Hugging Face ``rope_parameters`` dict (see :mod:`rotary.core.scaling`),
             e.g. ``{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 448}``. Its
             ``rope_theta`` and ``partial_rotary_factor`` set ``base`` and ``rotary_dim`` when those are not given
             (and must agree with them when they are). Schemes with an attention factor (yarn, longrope) multiply
@@ -56,7 +57,7 @@ class Rotary(nn.Module):
             position plus one, or ``length=`` if given.
         axes: number of position axes n (1, 2 or 3): positions are then ``(T, n)`` or ``(B, T, n)`` (e.g. (row,
             column) of image patches, (t, h, w) of video), and pair i turns by ``<w_i, r>`` (see
-            :mod:`rotary.directions` and docs/nd.md). With n > 1 and no ``positions=``, token t sits at
+            :mod:`rotary.core.directions` and docs/nd.md). With n > 1 and no ``positions=``, token t sits at
             ``offset + t`` on every axis (text tokens in M-RoPE). axes=1 is standard RoPE.
         directions: the frequency vectors w_i: ``"axial"`` (pairs split among the axes, each axis all
             frequencies), ``"sections"`` (``sections=[pairs per axis]`` of the 1-D frequencies: Qwen2-VL's M-RoPE
@@ -131,7 +132,7 @@ class Rotary(nn.Module):
     def remove_mixing(self) -> Tensor | None:
         """Drop P from this module and return it dense, float64 ``(head_dim, head_dim)`` (None without mixing).
 
-        For folding P into projection weights (:func:`rotary.fold.fold_mixing`): the module then computes plain
+        For folding P into projection weights (:func:`rotary.core.fold.fold_mixing`): the module then computes plain
         RoPE on whatever already carries P, and its ``options.mixing`` is None.
         """
         if self.mixer is None:
@@ -178,18 +179,9 @@ class Rotary(nn.Module):
         return self._call(x, offset, positions, length, layout, mix=False)
 
     def _call(self, x: Tensor, offset, positions, length, layout: str, mix: bool) -> Tensor:
-        triton = kernel.wants_triton(x)
-        if positions is None and length is None and not torch.is_grad_enabled() and not triton:
-            y = rotate_no_grad(self, x, offset, layout, mix)
-            if y is not None:
-                return y
         x4, time_dim = self._heads(x, layout, "x")
-        if triton:
-            y = self._kernel_table(x4, None, time_dim, offset, positions, length, mix)
-            if y is not None:
-                return y.reshape(x.shape) if x.dim() == 3 else y
-        cos, sin = self._cos_sin(x4.shape[0], x4.shape[time_dim], offset, positions, length, x4)
-        y = self._rotate(x4, cos, sin, time_dim, mix)
+        where = self._resolve(x4.shape[0], x4.shape[time_dim], offset, positions, length)
+        y = self._rotate_at(x4, None, time_dim, where, mix)
         return y.reshape(x.shape) if x.dim() == 3 else y
 
     def rotate_qk(self, q: Tensor, k: Tensor, *, offset: int | Tensor = 0, positions: Tensor | None = None,
@@ -205,16 +197,6 @@ class Rotary(nn.Module):
         length defaults to the last query position + 1: passing the whole unrotated key cache each step gives
         exactly what a full forward over the same tokens gives.
         """
-        if positions is None and length is None and not torch.is_grad_enabled() and q.dim() == k.dim() == 4 \
-                and layout in LAYOUTS and not kernel.wants_triton(q):  # the no-grad path first: every check costs
-            t = 2 if layout == "BHTD" else 1
-            if qk_match(q, k, t) and ((type(offset) is int and offset >= k.shape[t] - q.shape[t])
-                                      or isinstance(offset, Tensor)):
-                lag = k.shape[t] - q.shape[t]
-                k_rot = rotate_no_grad(self, k, offset - lag if lag else offset, layout, True)
-                q_rot = rotate_no_grad(self, q, offset, layout, True)
-                if q_rot is not None and k_rot is not None:
-                    return q_rot, k_rot
         q4, time_dim = self._heads(q, layout, "q", allow_3d=False)
         k4, _ = self._heads(k, layout, "k", allow_3d=False)
         if not qk_match(q4, k4, time_dim):
@@ -223,21 +205,8 @@ class Rotary(nn.Module):
                 f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
             )
         Tq, Tk = q4.shape[time_dim], k4.shape[time_dim]
-        key_offset = offset
-        if positions is None and isinstance(offset, (int, Tensor)) and not isinstance(offset, bool):
-            if isinstance(offset, int) and offset < Tk - Tq:
-                raise ValueError(f"offset is the position of the first query: with {Tk} keys and {Tq} queries it "
-                                 f"must be at least {Tk - Tq} (the keys start at offset - {Tk - Tq}), got {offset}")
-            key_offset = offset - (Tk - Tq)  # anything else: resolve() names what is wrong with it
-        if kernel.wants_triton(q4) and q4.dtype == k4.dtype:
-            qk = self._kernel_table(q4, k4, time_dim, key_offset, positions, length, True)
-            if qk is not None:
-                return qk
-        cos, sin = self._cos_sin(k4.shape[0], Tk, key_offset, positions, length, k4)
-        k_rot = self._rotate(k4, cos, sin, time_dim, True)
-        last = (..., slice(Tk - Tq, None), slice(None)) + ((slice(None),) if self.angles.per_head else ())
-        q_rot = self._rotate(q4, cos[last], sin[last], time_dim, True)
-        return q_rot, k_rot
+        where = self._resolve(k4.shape[0], Tk, offset, positions, length, shift=Tk - Tq)
+        return self._rotate_at(q4, k4, time_dim, where, True)
 
     def cos_sin(self, positions: Tensor, *, length: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """cos and sin of the angles at ``positions`` (any shape ``(...)``, int or float), float32 ``(..., r/2)``.
@@ -268,33 +237,65 @@ class Rotary(nn.Module):
     def _heads(self, x: Tensor, layout: str, name: str, allow_3d: bool = True) -> tuple[Tensor, int]:
         return as_heads(x, layout, name, dims=self.dims, heads=self.heads, head_dim=self.head_dim, allow_3d=allow_3d)
 
-    def _cos_sin(self, B: int, T: int, offset, positions, length, x: Tensor) -> tuple[Tensor, Tensor]:
-        """cos/sin ``(T, r/2)`` or ``(B, T, r/2)`` (a head axis before r/2 for per-head directions), in the
-        compute dtype of x."""
-        where, length = resolve(B, T, offset, positions, length, axes=self.axes, nd=self.options.nd,
-                                length_dependent=self.length_dependent, device=self.angles.device)
-        return self.angles.cos_sin(where, compute_dtype(x.dtype), length)
+    def _resolve(self, B: int, T: int, offset, positions, length, shift: int = 0) -> Where:
+        angles = self._modules["angles"]  # read directly: nn.Module.__getattr__ costs about a microsecond a lookup
+        return resolve(B, T, offset, positions, length, shift=shift, axes=self.axes, nd=self.options.nd,
+                       length_dependent=angles.length_dependent, device=angles.device)
 
-    def _kernel_table(self, x: Tensor, k: Tensor | None, time_dim: int, offset, positions, length, mix: bool):
+    def _rotate_at(self, x: Tensor, k: Tensor | None, time_dim: int, where: Where, mix: bool):
+        """``R P x`` at ``where`` (``(R P x, R P k)`` with keys k: ``where.keys`` are theirs, x the last queries),
+        for 4-D x (and k) whose time axis is ``time_dim``. The one place that picks a path, first that applies:
+
+        ==================  ==================================================================================
+        no-grad decode      eager, no gradient, fixed angles, a :class:`Span` of table rows: a complex multiply
+                            by rows of the table (:mod:`rotary.core.inference`), q and k one after the other
+        Triton kernel       :func:`rotary.core.kernel.choose` says triton, 1-D fixed angles, Givens or no P,
+                            integer positions inside the table: cos/sin gathered in the kernel, q and k in one
+                            launch (:meth:`_kernel_table`)
+        general             everything else: cos/sin of the keys (:meth:`Angles.cos_sin`), the queries' the last
+                            rows of them, rotated by :meth:`_rotate` (torch or Triton, cos/sin gradients flow)
+        ==================  ==================================================================================
+        """
+        keys = x if k is None else k
+        triton = kernel.wants_triton(x)
+        if not triton and isinstance(where.keys, Span) and not torch.is_grad_enabled():
+            y = rotate_no_grad(self, keys, time_dim, where.keys.start, mix)
+            if y is not None and k is not None:
+                q_start = where.keys.start + where.shift if where.shift else where.keys.start
+                yq = rotate_no_grad(self, x, time_dim, q_start, mix)
+                y = None if yq is None else (yq, y)
+            if y is not None:
+                return y
+        if triton and (k is None or k.dtype == x.dtype):
+            y = self._kernel_table(x, k, time_dim, where, mix)
+            if y is not None:
+                return y
+        cos, sin = self.angles.cos_sin(where.keys, compute_dtype(keys.dtype), where.length)
+        y = self._rotate(keys, cos, sin, time_dim, mix)
+        if k is None:
+            return y
+        last = (..., slice(where.shift, None), slice(None)) + ((slice(None),) if self.angles.per_head else ())
+        return self._rotate(x, cos[last], sin[last], time_dim, mix), y
+
+    def _kernel_table(self, x: Tensor, k: Tensor | None, time_dim: int, where: Where, mix: bool):
         """The Triton kernel gathering cos/sin from the table itself (q and k in one launch): ``R P x`` (or
-        ``(R P x, R P k)``, keys at ``offset``/``positions``), or None where the table does not hold the angles
-        (learned, length-dependent, N-D, float or out-of-table positions, dense P) and the general path rotates."""
+        ``(R P x, R P k)``), or None where the table does not hold the angles (learned, length-dependent, N-D,
+        float or out-of-table positions, dense P) and the general path rotates."""
         a, mixer = self.angles, (self.mixer if mix else None)
-        if not a.fixed or a.directions is not None or length is not None or (
-                mixer is not None and not isinstance(mixer, GivensMixing)):
+        if not a.fixed or a.directions is not None or (mixer is not None and not isinstance(mixer, GivensMixing)):
             return None
-        T = (x if k is None else k).shape[time_dim]
-        where, _ = resolve(x.shape[0], T, offset, positions, None, axes=1, nd=False, length_dependent=False,
-                           device=a.device)
-        if isinstance(where, Span):
-            rows, at = where.start + T, {"offset": where.start + T - x.shape[time_dim]}  # the first query's
-        elif where.is_floating_point() or torch.compiler.is_compiling() or where.numel() == 0:
-            return None  # (a tensor's range is a host sync: eager only)
+        keys = where.keys
+        if isinstance(keys, Span) and not isinstance(keys.start, Tensor):
+            # the kernel's offset is the first query's position
+            rows, at = keys.start + keys.count, {"offset": keys.start + where.shift}
         else:
-            lo, hi = (int(v) for v in torch.aminmax(where))
-            rows, at = (hi + 1 if lo >= 0 else -1), {"positions": where}
-        if rows < 0 or not a.grow(rows):
-            return None  # negative or past the largest table: computed directly on the general path
+            index = keys.tensor(a.device) if isinstance(keys, Span) else keys
+            span = index_range(index)
+            if span is None or span[0] < 0:
+                return None  # float or negative positions: computed directly on the general path
+            rows, at = span[1] + 1, {"positions": index}
+        if not a.holds(rows):
+            return None  # past the largest table: computed directly on the general path
         return kernel.rope(x, a.cos_table, a.sin_table, k=k, interleaved=self.interleaved,
                            layout="BTHD" if time_dim == 1 else "BHTD",
                            givens=None if mixer is None else mixer.coefficients(x.dtype), **at)
@@ -328,6 +329,11 @@ class Rotary(nn.Module):
         if isinstance(mixer, GivensMixing):
             return rotate(x, cos, sin, interleaved=self.interleaved, givens=mixer.coefficients(x.dtype))
         if mixer is not None:  # dense P: one small matmul in float32+, rounded once after RoPE
+            if isinstance(mixer, OrthogonalMixing) and _onnx_exporting():
+                raise ValueError('mixing="orthogonal" builds P with torch.linalg.matrix_exp, which has no ONNX form: '
+                                 "fold P into the q/k projection weights before exporting (rotary.core.fold."
+                                 "fold_mixing, or rotary.fold(model) after an install), or train with "
+                                 'mixing="givens"')
             P = mixer.matrix(x.dtype)
             # contiguous first: a matmul's rounding depends on its input's strides, the result should not
             return rotate(x.to(P.dtype).contiguous() @ P.T, cos, sin, interleaved=self.interleaved, out_dtype=x.dtype)
@@ -345,6 +351,13 @@ class Rotary(nn.Module):
             + ("" if self.angles.scaling is None else f", scaling={self.angles.scaling.rope_type!r}")
             + nd
         )
+
+
+def _onnx_exporting() -> bool:
+    # torch.onnx.is_in_onnx_export() reads False inside the graph capture of the dynamo exporter; the flag it reads
+    # does not. Looked up, not imported: importing torch.onnx would slow `import rotary`.
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return flags is not None and flags._is_onnx_exporting
 
 
 rotary = Rotary  # the original module's spelling: ``self.rotary = rotary(dims=dims, heads=heads)``

@@ -1,53 +1,76 @@
-"""Where the tokens of one call sit: ``offset``, ``positions`` and ``length`` checked and resolved in one place.
+"""Where the tokens of one call sit: ``offset``, ``positions`` and ``length`` checked and resolved once.
 
-Shapes: B batch, T tokens of the call, n position axes (``axes``).
+Shapes: B batch, T tokens of the call (Tk keys, Tq queries with :meth:`rotary.Rotary.rotate_qk`), n position axes.
 
-A call's positions are either a :class:`Span` (an int offset: rows ``offset .. offset + T - 1``, which the angle
-table serves by slicing) or a tensor: ``(T,)``/``(B, T)`` for 1-D positions (from a ``(B,)`` offset tensor or
-given as ``positions=``, integer or float), ``(T, n)``/``(B, T, n)`` for N-D. Length-dependent scaling (dynamic
-NTK, LongRoPE) also needs the sequence length L at which it is evaluated: by default the last position + 1 (per
-row for ``(B, T)`` positions, as transformers' ``max(position_ids) + 1``), always as a tensor, so that picking a
-regime is ``torch.where`` with nothing for ``torch.compile`` to guard on.
+:func:`resolve` runs at the top of every call and returns a :class:`Where`; every path below (the no-grad decode
+path, the Triton kernel, the general path) reads that and derives nothing again. A :class:`Where` holds:
+
+- ``keys``: the positions of the rotated tensor (of k in ``rotate_qk``): a :class:`Span` ``start + arange(T)``
+  (``start`` an int, symbolic under ``torch.export``, or a ``()``/``(B,)`` integer tensor: per-row offsets), or a
+  position tensor ``(T,)``/``(B, T)`` (1-D, integer or float) or ``(T, n)``/``(B, T, n)`` (N-D);
+- ``shift``: how many keys come before the first query (``Tk - Tq``; 0 for ``forward``): the queries sit at the
+  last Tq key positions;
+- ``length``: the ``()``/``(B,)`` length L that length-dependent scaling (dynamic NTK, LongRoPE) is evaluated at
+  (by default the last position + 1, per row for ``(B, T)`` positions, as transformers' ``max(position_ids) + 1``),
+  always a tensor, so that picking a regime is ``torch.where`` with nothing for ``torch.compile`` to guard on;
+  None where the angles do not depend on it.
+
+:func:`index_range` is the one range check before a table gather (a host synchronisation, skipped in a graph).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["Span", "check_length", "offset_positions", "resolve"]
+__all__ = ["INDEX_DTYPES", "Span", "Where", "check_length", "check_offset", "index_range", "resolve"]
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # what indexes a table
 
 
-@dataclass(frozen=True)
-class Span:
-    """Positions ``start .. start + count - 1`` of an int offset."""
+class Span(NamedTuple):
+    """Positions ``start + arange(count)``: start an int (or a symbolic one) or a ``()``/``(B,)`` integer tensor."""
 
-    start: int
+    start: int | Tensor
     count: int
 
     def tensor(self, device) -> Tensor:
-        return torch.arange(self.start, self.start + self.count, device=device)
+        """The positions as a tensor: ``(T,)``, or ``(B, T)`` for a ``(B,)`` start."""
+        steps = torch.arange(self.count, device=device)
+        if not isinstance(self.start, Tensor):
+            return steps + self.start
+        start = self.start.to(device)
+        return start.unsqueeze(-1) + steps if start.dim() == 1 else start + steps
 
 
-def _check_int_offset(offset) -> None:
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+class Where(NamedTuple):
+    """The positions of one call, resolved (see the module docstring)."""
+
+    keys: Span | Tensor
+    shift: int
+    length: Tensor | None
 
 
 def _not_index(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
 
 
-def offset_positions(B: int, T: int, offset: Tensor) -> Tensor:
-    """Positions ``offset + arange(T)`` for a ``()`` or ``(B,)`` integer tensor offset: ``(T,)`` or ``(B, T)``."""
-    if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B):
-        raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
-    if _not_index(offset):
-        raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
-    steps = torch.arange(T, device=offset.device)
-    return offset.unsqueeze(-1) + steps if offset.dim() == 1 else offset + steps
+def check_offset(offset, B: int | None = None) -> None:
+    """The one check of ``offset=``: a non-negative int (a symbolic int under ``torch.export``, whose sign becomes
+    a runtime assertion of the graph), or an integer tensor (``()``, or ``(B,)`` where B is given)."""
+    if isinstance(offset, Tensor):
+        if B is not None and (offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B)):
+            raise ValueError(f"a tensor offset must have shape () or ({B},), got {tuple(offset.shape)}")
+        if _not_index(offset):
+            raise ValueError(f"offset must be an integer tensor (use positions= for float), got {offset.dtype}")
+        return
+    if isinstance(offset, torch.SymInt):
+        torch._check(offset >= 0, lambda: f"offset must be non-negative, got {offset}")
+        return
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
 
 
 def check_length(B: int, length, device) -> Tensor | None:
@@ -60,6 +83,9 @@ def check_length(B: int, length, device) -> Tensor | None:
         if _not_index(length):
             raise ValueError(f"length must be an integer tensor, got dtype {length.dtype}")
         return length
+    if isinstance(length, torch.SymInt):
+        torch._check(length >= 1, lambda: f"length must be positive, got {length}")
+        return torch.scalar_tensor(length, dtype=torch.int64, device=device)
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"length must be a positive int or an integer tensor, got {length!r}")
     return torch.tensor(length, device=device)
@@ -90,32 +116,67 @@ def _check_positions(positions, B: int, T: int, axes: int, nd: bool) -> Tensor:
     return positions
 
 
-def resolve(
-    B: int, T: int, offset, positions, length, *, axes: int, nd: bool, length_dependent: bool, device
-) -> tuple[Span | Tensor, Tensor | None]:
-    """Check a call's ``offset``/``positions``/``length`` and return ``(where, length)``.
+def resolve(B: int, T: int, offset, positions, length, *, shift: int = 0, axes: int = 1, nd: bool = False,
+            length_dependent: bool = False, device=None) -> Where:
+    """Check a call's ``offset``/``positions``/``length`` and return its :class:`Where`.
 
-    where: a :class:`Span` or a position tensor (see the module docstring); N-D positions without ``positions=``
-    put every axis at ``offset + t`` (text tokens in M-RoPE). length: the ``()``/``(B,)`` tensor length-dependent
-    scaling is evaluated at, None where the angles do not depend on it.
+    B, T: batch and tokens of the rotated tensor (the keys in ``rotate_qk``). offset: the position of the first
+    query (the first token for ``forward``); the keys start ``shift`` earlier, and an int offset must leave that
+    >= 0. positions: the key positions, overriding offset. N-D modules without ``positions=`` put every axis at
+    ``offset + t`` (text tokens in M-RoPE).
     """
+    if positions is None and length is None and not length_dependent and not nd:  # decode steps: the cheap cases
+        if type(offset) is int:
+            if type(shift) is not int or offset < shift:  # (offset >= shift >= 0 needs no call)
+                _check_start(offset, T, shift)
+            return Where(Span(offset - shift, T), shift, None)
+        if isinstance(offset, Tensor) and offset.dtype in INDEX_DTYPES and offset.dim() == 1 and offset.shape[0] == B:
+            return Where(Span(offset - shift if shift else offset, T), shift, None)
     if nd and length is not None:
         raise ValueError("length= is for length-dependent scaling, which N-D directions do not take")
     length = check_length(B, length, device)
     if positions is not None:
-        where = _check_positions(positions, B, T, axes, nd)
+        keys = _check_positions(positions, B, T, axes, nd)
         if length is None and length_dependent and T > 0:
-            length = where.amax(dim=-1) + 1  # () or (B,): transformers' max(position_ids) + 1, per row
-    elif isinstance(offset, Tensor):
-        where = offset_positions(B, T, offset)
-        if length is None and length_dependent:
-            length = offset + T
+            length = keys.amax(dim=-1) + 1  # () or (B,): transformers' max(position_ids) + 1, per row
     else:
-        _check_int_offset(offset)
-        where = Span(offset, T)
+        check_offset(offset, B)
+        if not isinstance(offset, Tensor):  # a tensor's keys may start below 0: those rows are computed directly
+            _check_start(offset, T, shift)
+        keys = Span(offset - shift if shift else offset, T)
         if length is None and length_dependent:
-            length = torch.arange(offset + T, offset + T + 1, device=device).squeeze(0)  # a tensor, no guard
-    if nd and positions is None:  # every axis at offset + t
-        where = where.tensor(device) if isinstance(where, Span) else where
-        where = where.unsqueeze(-1).expand(*where.shape, axes)
-    return where, (length if length_dependent else None)
+            if isinstance(offset, Tensor):
+                length = offset + (T - shift)
+            else:  # a tensor, no guard on the int
+                length = torch.arange(offset + T - shift, offset + T - shift + 1, device=device).squeeze(0)
+        if nd:  # every axis at offset + t
+            keys = keys.tensor(device)
+            keys = keys.unsqueeze(-1).expand(*keys.shape, axes)
+    return Where(keys, shift, length if length_dependent else None)
+
+
+def _check_start(offset, T, shift) -> None:
+    """The keys start ``shift`` before the first query, at a position >= 0. Symbolic sizes (torch.export): a runtime
+    assertion of the graph, where a comparison would pin them."""
+    if type(offset) is int and type(shift) is int:
+        if offset < 0:
+            raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+        if offset < shift:
+            raise ValueError(_start_text(offset, T, shift))
+    else:
+        torch._check(offset >= shift, lambda: _start_text(offset, T, shift))
+
+
+def _start_text(offset, T, shift) -> str:
+    return (f"offset is the position of the first query: with {T} keys and {T - shift} queries it must be at least "
+            f"{shift} (the keys start at offset - {shift}), got {offset}")
+
+
+def index_range(index: Tensor) -> tuple[int, int] | None:
+    """``(lo, hi)`` of integer positions: the one range check before a table gather, a host synchronisation (a
+    bad index is an error on CPU, an illegal memory access on a GPU). None where no gather may be decided on
+    values: in a compiled or exported graph, for float or empty positions."""
+    if torch.compiler.is_compiling() or _not_index(index) or index.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(index)
+    return int(lo), int(hi)

@@ -1,7 +1,7 @@
 """Plain, obviously-correct float64 implementations used as the oracle by the tests.
 
 Nothing here is fast or clever: every rotation is built as an explicit dense matrix and applied with einsum,
-so that the fast paths in :mod:`rotary.functional` and :mod:`rotary.mixing` are checked against code that
+so that the fast paths in :mod:`rotary.core.functional` and :mod:`rotary.core.mixing` are checked against code that
 shares none of their tricks (complex views, in-place updates, index gathers, sparse plane updates).
 
 Shapes: B batch, T sequence, H heads, D head_dim, r rotary_dim.
@@ -95,7 +95,7 @@ def frequencies_reference(
 ) -> list[float]:
     """The frequencies ``w_i`` ``(r/2)`` as Python floats, from the schemes' published definitions.
 
-    Written apart from :mod:`rotary.scaling` (plain ``math``, one pair at a time, no tensors), so that tests can
+    Written apart from :mod:`rotary.core.scaling` (plain ``math``, one pair at a time, no tensors), so that tests can
     check the module's frequencies, learned scale included, against numbers it did not compute. scaling: a
     ``rope_parameters`` dict (linear, ntk, dynamic, yarn, llama3, longrope, p / proportional); length: the
     sequence length of the length-dependent schemes (None: within the original context); log_scale: a learned
@@ -180,7 +180,7 @@ def attention_factor_reference(scaling: dict | None) -> float:
 def direction_vectors_reference(
     kind: str, axes: int, rotary_dim: int, *, base: float = 10000.0, sections: list[int] | None = None
 ) -> Tensor:
-    """The fixed frequency vectors ``w_i`` ``(r/2, n)`` float64 of :mod:`rotary.directions`, from their definitions
+    """The fixed frequency vectors ``w_i`` ``(r/2, n)`` float64 of :mod:`rotary.core.directions`, from their definitions
     with Python floats: pair blocks per axis (axial: as even as possible, earlier axes longer; sections: as given),
     axial magnitudes ``base ** (-2j / (2 * block))``, sections' the 1-D ``base ** (-2i / r)``; oblique: axial's
     magnitudes along unit vector number ``j * n + a`` (block a, index j in it) of the sequence

@@ -3,7 +3,8 @@
     model = whisper.load_model("base")                 # or whisper.model.Whisper(ModelDimensions(...))
     rotary.whisper.install(model, placement="attention", mixing="givens")
 
-openai-whisper is an optional dependency: ``pip install 'rotary[whisper]'``.
+openai-whisper is an optional dependency: ``pip install 'rotary[whisper]'``. For users: docs/decoder.md; below,
+how the install works.
 
 What changes, and nothing else (all of it kept in the install record, :mod:`rotary.integrations.install`):
 - ``model.decoder.rotary``: one plain Rotary for the whole decoder, a registered submodule, so its parameters are

@@ -12,63 +12,19 @@ import torch
 
 def _demo(args: argparse.Namespace) -> int:
     """Checks the promises on generated data, then times Rotary against the original module."""
-    from rotary import Rotary, rotary_reference
-    from rotary.lab.bench.seed import SeedRotary
-    from rotary.lab.bench.timing import median, time_interleaved
+    from rotary.lab import demo
 
     torch.manual_seed(args.seed)
-    dims, heads = args.dims, args.heads
-    m = Rotary(dims, heads)  # givens mixing, the default
-    with torch.no_grad():  # pretend it was trained: non-trivial angles
-        m.mixer.angles.uniform_(-3.14, 3.14)
-    head_dim = dims // heads
+    m = demo.trained_looking(args.dims, args.heads)
     print(f"{m}\n")
-
-    torch.set_grad_enabled(False)
-    x = torch.randn(args.batch, args.seq, dims)
-    y = m(x, offset=args.offset)
-    ref = rotary_reference(
-        x.view(args.batch, args.seq, heads, head_dim),
-        torch.arange(args.offset, args.offset + args.seq),
-        mixing=m.mixing_matrix(torch.float64),
-    ).view_as(x)
-    print(f"max |fast - float64 reference|       {float((y.double() - ref).abs().max()):.2e}")
-
-    q, k = torch.randn(2, 1, heads, head_dim), torch.randn(2, 1, heads, head_dim)
-    s0 = (m(q, offset=5) * m(k, offset=9)).sum(-1)
-    s1 = (m(q, offset=5 + 1000) * m(k, offset=9 + 1000)).sum(-1)
-    print(f"score change when both shift by 1000 {float((s0 - s1).abs().max()):.2e}   (relative positions only)")
-
-    steps = torch.cat([m(x[:, t : t + 1], offset=args.offset + t) for t in range(args.seq)], dim=1)
-    print(f"max |token-by-token - full|          {float((steps - y).abs().max()):.2e}   (KV-cache decoding is exact)")
-
-    xb = x.to(torch.bfloat16)
-    yb = m.to(torch.bfloat16)(xb, offset=100_000)
-    refb = rotary_reference(
-        xb.view(args.batch, args.seq, heads, head_dim),
-        torch.arange(100_000, 100_000 + args.seq),
-        mixing=m.mixing_matrix(torch.float64),
-    ).view_as(x)
-    rel = float(((yb.double() - refb).abs() / refb.abs().clamp_min(1e-3)).median())
-    print(f"bf16 at position 100 000: median relative error {rel:.1e} (bf16 rounding is 2^-9 = {2**-9:.1e})")
-    m.float()
-    torch.set_grad_enabled(True)
-
-    xg = x.clone().requires_grad_()
-    seed = SeedRotary(dims, heads)
-    plain = Rotary(dims, heads, mixing=None)
-
-    def step(mod, rebuild=False):
-        def run():
-            if rebuild:
-                mod.rebuild()  # the original module cannot backward twice through its cached matrices
-            out = mod(xg)
-            torch.autograd.grad(out, [xg, *mod.parameters()], torch.ones_like(out))
-
-        return run
-
-    fns = {"Rotary(mixing=None)": step(plain), "Rotary(givens)": step(m), "original module": step(seed, True)}
-    times = {k: median(v) for k, v in time_interleaved(fns, device=torch.device("cpu"), repeats=args.repeats).items()}
+    x = torch.randn(args.batch, args.seq, args.dims)
+    found = demo.checks(m, x, args.offset)
+    print(f"max |fast - float64 reference|       {found['reference']:.2e}")
+    print(f"score change when both shift by 1000 {found['shift']:.2e}   (relative positions only)")
+    print(f"max |token-by-token - full|          {found['incremental']:.2e}   (KV-cache decoding is exact)")
+    print(f"bf16 at position {demo.FAR:,}: median relative error {found['bf16']:.1e} (bf16 rounding is 2^-9 = "
+          f"{2**-9:.1e})")
+    times = demo.timings(m, x, args.repeats)
     print(f"\nforward+backward, x {tuple(x.shape)} fp32, {torch.get_num_threads()} threads, median of {args.repeats}:")
     for name, t in times.items():
         print(f"  {name:22s} {t * 1e3:8.2f} ms   ({t / times['Rotary(givens)']:.2f} x the time of Rotary(givens))")
@@ -291,14 +247,18 @@ SUPPORT_TIME = "about 3-4 minutes on 2 CPU cores"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rotary", description="Rotary position embeddings with learned rotations.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="check exactness and relative positions on generated data, and time it")
-    demo.add_argument("--dims", type=int, default=768)
-    demo.add_argument("--heads", type=int, default=12)
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--seq", type=int, default=128)
-    demo.add_argument("--offset", type=int, default=37)
-    demo.add_argument("--repeats", type=int, default=15)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="check exactness and relative positions on generated data, and time it",
+                          description="Check a Rotary with random Givens angles against the float64 reference "
+                          "(exactness, relative positions, token-by-token decoding, bf16 far out), then time "
+                          "forward+backward against the original module.")
+    demo.add_argument("--dims", type=int, default=768, help="model width, heads x head_dim (default: 768)")
+    demo.add_argument("--heads", type=int, default=12, help="attention heads (default: 12)")
+    demo.add_argument("--batch", type=int, default=8, help="batch size of the generated input (default: 8)")
+    demo.add_argument("--seq", type=int, default=128, help="tokens of the generated input (default: 128)")
+    demo.add_argument("--offset", type=int, default=37, help="position of the first token (default: 37)")
+    demo.add_argument("--repeats", type=int, default=15, help="timed repeats per contender (default: 15)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the global RNG (inputs, the original "
+                      "module's planes) (default: 0)")
     demo.set_defaults(func=_demo)
     from rotary.lab.bench.suites import SUITES
 

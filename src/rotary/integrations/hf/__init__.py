@@ -4,7 +4,8 @@
     model = rotary.hf.from_pretrained(AutoModelForCausalLM, folder)   # after model.save_pretrained(folder)
 
 Causal LMs whose attention applies the model's own RoPE (Llama, Mistral, Qwen2, Qwen3, Gemma, ...) are handled
-by :mod:`rotary.hf.causal`; Whisper (``config.model_type == "whisper"``) by :mod:`rotary.hf.whisper`.
+by :mod:`rotary.integrations.hf.causal`; Whisper (``config.model_type == "whisper"``) by
+:mod:`rotary.integrations.hf.whisper`.
 ``rotary.fold(model)`` moves the learned P into the query/key projections, after which ``model.save_pretrained``
 writes a stock checkpoint. transformers is an optional dependency: ``pip install 'rotary[hf]'``.
 """
@@ -38,10 +39,10 @@ def _integration(model: nn.Module):
 def install(model: nn.Module, **options) -> nn.Module:
     """Install a rotary into a transformers model, in place; returns the model.
 
-    Causal LMs: see :func:`rotary.hf.causal.install` (``mixing=``, ``per_layer=``, ``learned_freq=``,
-    ``scaling=``). Whisper: see :mod:`rotary.hf.whisper`. The options are recorded in ``model.config``, so that
-    ``model.save_pretrained`` checkpoints (Trainer's included) reload with :func:`from_pretrained`. A PEFT model
-    (``get_peft_model(...)``): see :mod:`rotary.hf.peft`; P then trains and is saved with the adapter.
+    Causal LMs: see :func:`rotary.integrations.hf.causal.install` (``mixing=``, ``per_layer=``, ``learned_freq=``,
+    ``scaling=``). Whisper: see :mod:`rotary.integrations.hf.whisper`. The options are recorded in ``model.config``,
+    so that ``model.save_pretrained`` checkpoints (Trainer's included) reload with :func:`from_pretrained`. A PEFT model
+    (``get_peft_model(...)``): see :mod:`rotary.integrations.hf.peft`; P then trains and is saved with the adapter.
     ``adapter=folder`` (and no other option): the install a saved PEFT adapter was trained with, before
     ``PeftModel.from_pretrained(model, folder)``.
     """

@@ -1,42 +1,12 @@
-"""Learned rotation P in transformers decoders that apply their own RoPE: causal LMs (Llama, Qwen, Gemma, Cohere,
-GPT-NeoX, DeepSeek, hybrids, ...) and the language model of vision-language models (Qwen2/2.5/3-VL, Gemma 3).
+"""Learned rotation P in transformers decoders that apply their own RoPE: causal LMs and the language model of
+vision-language models. What install changes, fold and the options, for users: docs/hf.md.
 
-    rotary.hf.install(model)          # P = I: the model computes exactly what it computed before
-    ...train...
-    rotary.fold(model)                # P into q_proj/k_proj; the model is stock again
-    model.save_pretrained(folder)     # a stock checkpoint: any engine serves it at no extra cost
-
-Such a model computes ``q = W_q x + b_q`` per head, then ``R(m) q`` with cos/sin that its ``rotary_emb`` computes
-once per forward and hands to every attention as ``position_embeddings``. Where its queries and keys come from
-(the attention layout) and which channel pairs its RoPE rotates are read off the model by
-:mod:`rotary.hf.layouts`. The install adds P before that RoPE, ``R(m) P q`` (likewise keys; grouped-query key heads
-share P), and changes nothing else; every change is kept in the install record
-(:mod:`rotary.integrations.install`, registered at ``<base model>.rotary_install``):
-
-- where P acts: by default (``mix_on="weights"``) on the projection weights: each ``q_proj``/``k_proj`` gets an
-  instance ``forward`` computing ``F.linear(x, P W, P b)`` per head, O(heads * D^2 * C) flops per forward and
-  nothing on the activations; ``mix_on="activations"``: a forward hook multiplies their outputs by P. Where a
-  per-head norm sits between the projection and RoPE (Qwen3's ``q_norm``/``k_norm``), P must act after it: a
-  forward hook on the norm.
-- where P lives: a plain :class:`rotary.Rotary` (the model's pairing, base and rotary dim) registered once at
-  ``<base model>.rotary`` (``model.model.rotary``), shared by all layers; with ``per_layer=True`` one per
-  attention, at ``layers[i].self_attn.rotary``. Its parameters are the model's (``named_parameters``,
-  ``state_dict``, Trainer).
-- angles: untouched (the model's ``rotary_emb``, its ``rope_parameters`` and partial rotary), unless an option
-  changes them (``learned_freq=True``, ``scaling=``): then ``rotary_emb.forward`` returns the Rotary at
-  ``<base model>.rotary``'s cos/sin (float64 angles, the scheme's attention factor applied as transformers
-  applies it) in the dtype attention expects. With one ``rope_parameters`` per layer type (Gemma 3), one Rotary
-  per type (at ``rotary_emb.rotary.<layer type>``, each starting at its type's angles) and ``layer_type`` picks
-  it; ``scaling=`` is refused there (one dict for several types would be ambiguous).
-- the install options are recorded in ``model.config.rotary_install`` (:meth:`InstallOptions.to_dict`).
-
-Folding (:func:`rotary.fold`): P moves into ``q_proj``/``k_proj`` (weights and biases), then the forwards, hooks
-and rotaries go, and so does the record: the module tree, state_dict and config are stock. With a q/k norm, the fold
-is exact only if the norm is an RMSNorm whose weight is uniform within each head (then ``norm(P y) = P norm(y)``);
-otherwise ``fold`` refuses. Changed angles become the stock ``rope_parameters`` transformers computes them from
-(:mod:`rotary.hf.stock`: the scheme itself, or ``longrope`` factors of the learned frequencies), per layer type
-where the model has several, and ``rotary_emb`` is rebuilt from them; angles no stock config expresses (learned
-frequencies on dynamic NTK) are refused, naming why, before anything changes.
+How: the model's attention layout and RoPE pairing are read off it (:mod:`rotary.integrations.hf.layouts`); P
+goes before the model's RoPE, on the q/k projection weights (an instance ``forward``, ``F.linear(x, P W, P b)``
+per head), on their outputs (a forward hook: PEFT adapters, quantised layers, ``mix_on="activations"``) or on a
+per-head q/k norm's; changed angles (``learned_freq``, ``scaling``) replace ``rotary_emb.forward``. Every change
+is one install record (:mod:`rotary.integrations.install`, at ``<base model>.rotary_install``), which ``uninstall``
+and ``fold`` use; changed angles fold into stock ``rope_parameters`` (:mod:`rotary.integrations.hf.stock`).
 """
 
 from __future__ import annotations

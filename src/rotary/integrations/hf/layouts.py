@@ -1,5 +1,6 @@
-"""What :mod:`rotary.hf.causal` must know of a transformers decoder: where its language model is, which layers
-attend with RoPE, where each attention's queries and keys come from, and how the host pairs its rotated channels.
+"""What :mod:`rotary.integrations.hf.causal` must know of a transformers decoder: where its language model is,
+which layers attend with RoPE, where each attention's queries and keys come from, and how the host pairs its rotated
+channels.
 
 Shapes: H query heads, K key-value heads, D head_dim, r the channels RoPE rotates in a head (the RoPE slice of
 multi-head latent attention, or rotary_dim of partial rotary); rows are a projection's output channels.

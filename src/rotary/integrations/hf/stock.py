@@ -1,4 +1,5 @@
-"""Changed angles written as a stock transformers configuration: the fold of :mod:`rotary.hf.causal`'s angles.
+"""Changed angles written as a stock transformers configuration: the fold of :mod:`rotary.integrations.hf.causal`'s
+angles.
 
 An install with ``learned_freq=True`` or ``scaling=`` computes the model's cos/sin with a :class:`rotary.Rotary`
 (one per layer type where ``config.rope_parameters`` has one per layer type, Gemma 3). At fold those angles

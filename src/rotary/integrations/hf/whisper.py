@@ -1,51 +1,14 @@
-"""Install a :class:`rotary.Rotary` into a Hugging Face Whisper's text decoder, in place, without editing transformers.
+"""A :class:`rotary.Rotary` in a Hugging Face Whisper's text decoder (``WhisperForConditionalGeneration``,
+``WhisperModel``), installed without editing transformers. What is installed, the options, the 448 cap, saving,
+fold and PEFT, for users: docs/hf_whisper.md.
 
-    model = WhisperForConditionalGeneration.from_pretrained("openai/whisper-base")
-    rotary.hf.install(model, placement="attention", mixing="givens")      # or rotary.hf.whisper.install
-
-For ``WhisperForConditionalGeneration`` and ``WhisperModel`` (transformers >= 5). Options, defaults and meaning are
-those of :func:`rotary.whisper.install` (openai-whisper). What changes, and nothing else:
-
-Every change is kept in the install record (:mod:`rotary.integrations.install`) at ``decoder.rotary_install``:
-
-- ``decoder.rotary``: one plain :class:`rotary.Rotary` for the whole decoder, a registered submodule, so its
-  parameters are in ``named_parameters()`` and ``state_dict()`` (``model.decoder.rotary.*``); the record's options
-  are an extra-state entry (``model.decoder.rotary_install._extra_state``) that ``load_state_dict`` checks.
-- ``model.config.rotary_install``: the install options (:meth:`InstallOptions.to_dict`), so that ``config.json`` carries
-  them; a fold sets their ``mixing`` to None.
-- attention placement: the ``forward`` of every decoder *self*-attention is replaced (an instance attribute) by
-  transformers' ``WhisperAttention.forward`` for self-attention with q and k rotated at their absolute positions
-  *before* the key cache is updated: HF's ``EncoderDecoderCache`` then holds rotated keys, and each decode step
-  rotates only the new query and key (per-step cost independent of the cached length). Exception: under
-  length-dependent scaling (``scaling`` dynamic or longrope) every angle moves as the sequence grows, so the
-  cache keeps unrotated keys and each step rotates all of them at the current length (O(cached) per step).
-  Positions are the cache's: the first new token sits at ``cache.self_attention_cache.get_seq_length(layer_idx)``.
-  In left-padded batches a row is thereby shifted by its pad count, which changes no score (RoPE scores depend
-  only on relative position, and padded keys are masked). Cross-attention, values and the encoder are never
-  touched.
-- embedding placement: a forward pre-hook on the decoder embeds the tokens, adds the learned table (if kept) and
-  rotates the sum at ``position_ids`` (the decoder's own positions, per row), then hands the decoder
-  ``inputs_embeds``; the decoder's dropout and blocks follow as in stock.
-- ``learned_positions`` (default True for ``"embedding"``, False for ``"attention"``): kept, the table is added as
-  before and a decoder input past ``max_target_positions`` is a clear error (a forward pre-hook checks the
-  length). Bypassed, ``embed_positions`` returns zero (its ``forward`` is replaced; the table stays in the
-  state_dict, untouched, and receives no gradient) and nothing caps the length: for
-  ``WhisperForConditionalGeneration`` the ``labels`` length check and ``generate()``'s ``max_target_positions``
-  cap are lifted too (``model.max_target_positions`` raised; ``model.generate`` runs transformers' own generate
-  with ``config.max_target_positions`` raised for the call; long-form generation's previous-text cut-off,
-  ``max_target_positions // 2``, is then lifted as well).
-
-Saving and reloading, bit-identical: ``model.save_pretrained(path)``, then ``rotary.hf.from_pretrained(
-WhisperForConditionalGeneration, path)`` (it reinstalls from ``config.rotary_install``). Loading a state_dict, strict or
-not, into a model installed with other options is a clear error naming both.
-:func:`uninstall` removes everything install added; :func:`rotary.fold` folds P into the decoder self-attention
-``q_proj``/``k_proj`` (the RoPE stays installed: HF Whisper has none of its own).
-
-PEFT (LoRA, DoRA), in either order, as for causal LMs (:mod:`rotary.hf.peft`): ``rotary.hf.install(peft_model)``.
-The Rotary applies P to the whole output of the (adapted) q/k projections, so P trains and is saved with the
-adapter; :func:`rotary.fold` before ``merge_and_unload()`` moves P into the base weights and ``lora_B``.
-
-The replaced forwards and hooks are small picklable objects, so ``copy.deepcopy`` and ``torch.save(model)`` work.
+How: the attention placement replaces the ``forward`` of every decoder self-attention (an instance attribute) by
+transformers' own body with q and k rotated before the key cache is updated (a test fails the day transformers
+changes that body: identity install == stock logits); the embedding placement is a forward pre-hook on the
+decoder; bypassing the learned table replaces ``embed_positions.forward`` and lifts ``max_target_positions``
+for ``generate``. Every change is one install record (:mod:`rotary.integrations.install`, at
+``decoder.rotary_install``). The replaced forwards and hooks are small picklable objects, so ``copy.deepcopy``
+and ``torch.save(model)`` work.
 """
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def commutes_with_rotations(norm: nn.Module, head_dim: int) -> str | None:
 
 def prepare_fold_into(rotary: Rotary, projections, placement: str,
                       then: Callable[[], None] | None = None) -> Callable[[], None] | None:
-    """The fold of one Rotary's P into the q/k ``projections`` it acts on (:class:`rotary.fold.Foldable`).
+    """The fold of one Rotary's P into the q/k ``projections`` it acts on (:class:`rotary.core.fold.Foldable`).
 
     Checks first (the placement must be the attention one) and returns the action (P into the projections, the
     Rotary left computing plain RoPE, then ``then()``), or None without a P.

@@ -10,7 +10,7 @@ host model, and changes the host only through public extension points, each kept
 - the registered Rotaries (``<parent>.rotary``), with the q/k projections each one's P acts on.
 
 :meth:`Install.remove` undoes all of it, newest first; :meth:`Install.prepare_fold` is the fold of the whole
-install (:class:`rotary.fold.Foldable`). The record is a module without parameters, registered as
+install (:class:`rotary.core.fold.Foldable`). The record is a module without parameters, registered as
 ``rotary_install`` in the module that holds the install (whisper's decoder, a transformers base model), so that
 ``rotary.fold`` finds it in ``model.modules()`` and ``copy.deepcopy`` / ``torch.save(model)`` carry it (its
 references to host modules are plain attributes, remapped by the copy like any other). Its extra state
@@ -266,7 +266,7 @@ class Install(nn.Module):
 
     # --------------------------------------------------------------------------------------- folding
     def prepare_fold(self) -> Callable[[], None] | None:
-        """:class:`rotary.fold.Foldable`: every Rotary's P into its projections, checked before anything changes.
+        """:class:`rotary.core.fold.Foldable`: every Rotary's P into its projections, checked before anything changes.
 
         Then the changes that applied P go, a Rotary that held only P goes, and the options say ``mixing=None``;
         an install with nothing left is removed entirely (the model is stock again).

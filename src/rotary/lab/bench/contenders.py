@@ -155,10 +155,10 @@ def meta_complex(shape, dtype, device, generator) -> Case:
     return Case(forward, [x])
 
 
-def seed(shape, dtype, device, generator) -> Case:
-    from rotary.lab.bench.seed import SeedRotary
+def original(shape, dtype, device, generator) -> Case:
+    from rotary.lab.bench.original import OriginalRotary
 
-    m = SeedRotary(shape.heads * shape.head_dim, shape.heads).to(device)
+    m = OriginalRotary(shape.heads * shape.head_dim, shape.heads).to(device)
     x = _x(shape, dtype, device, generator, "btc")
 
     def forward():
@@ -180,5 +180,5 @@ CONTENDERS: dict[str, Callable[..., Case]] = {
     "HF apply_rotary_pos_emb": hf_transformers,
     "torchtune": torchtune,
     "Meta complex": meta_complex,
-    "original module": seed,
+    "original module": original,
 }

@@ -1,4 +1,4 @@
-"""Suite ``targets``: the core op and module against a tensor copy, rotary-embedding-torch and the original
+"""Suite ``core``: the core op and module against a tensor copy, rotary-embedding-torch and the original
 module, timed side by side in one process (fp32; the targets are stated for a 2-core CPU).
 
 Sections: (B, T, H, D) = (8, 2048, 12, 64): ``apply_rotary`` forward, ``Rotary(mixing=None)`` and
@@ -13,11 +13,11 @@ import torch
 
 from rotary import Rotary, apply_rotary
 from rotary.core.frequencies import inverse_frequencies, rotary_angles
+from rotary.lab.bench.original import OriginalRotary
 from rotary.lab.bench.rows import Row, ratio_row, time_rows
-from rotary.lab.bench.seed import SeedRotary
 from rotary.lab.bench.timing import time_blocked, time_interleaved
 
-SUITE = "targets"
+SUITE = "core"
 
 
 def _fwd_bwd(fn, x, params, generator):
@@ -75,14 +75,14 @@ def suite(*, quick: bool, device: torch.device, seed: int, repeats: int | None, 
     B, T, dims, H = (2, 32, 128, 4) if quick else (8, 512, 768, 12)
     x = torch.randn(B, T, dims, device=device, generator=gen, requires_grad=True)
     ours = Rotary(dims, H).to(device)
-    seed_module = SeedRotary(dims, H).to(device)  # its Givens planes come from the global RNG (the CLI seeds it)
+    original = OriginalRotary(dims, H).to(device)  # its Givens planes come from the global RNG (the CLI seeds it)
 
-    def seed_step():
-        seed_module.rebuild()  # the original module cannot run backward twice on its cached matrices
-        y = seed_module(x)
-        torch.autograd.grad(y, [x, seed_module.theta], torch.ones_like(y))
+    def original_step():
+        original.rebuild()  # the original module cannot run backward twice on its cached matrices
+        y = original(x)
+        torch.autograd.grad(y, [x, original.theta], torch.ones_like(y))
 
-    fns = {"original module fwd+bwd": seed_step,
+    fns = {"original module fwd+bwd": original_step,
            "Rotary(givens) fwd+bwd": _fwd_bwd(ours, x, list(ours.parameters()), gen)}
     reps = max(1 if quick else 3, repeats // 3)
     for label, timer in (("round-robin", time_interleaved), ("each in its own block", time_blocked)):

@@ -62,9 +62,9 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "kernels": Suite("rotary.lab.bench.kernels:suite",
                      "the op against other RoPE implementations: speed and peak memory, fp32 and bf16"),
-    "targets": Suite("rotary.lab.bench.core_speed:suite",
-                     "the core targets: apply_rotary and Rotary against a copy, rotary-embedding-torch, the original "
-                     "module"),
+    "core": Suite("rotary.lab.bench.core_speed:suite",
+                  "the core op at a training shape: apply_rotary and Rotary against a copy, rotary-embedding-torch, "
+                  "the original module"),
     "decode": Suite("rotary.lab.bench.decode:suite",
                     "one-token calls at decode shapes; openai-whisper greedy decoding per token", devices=("cpu",)),
     "nd": Suite("rotary.lab.bench.nd_speed:suite", "N-D positions (2-D and 3-D) against 1-D at the same shape"),
@@ -75,6 +75,9 @@ SUITES: dict[str, Suite] = {
     "lora": Suite("rotary.lab.bench.lora_speed:suite", "LoRA (peft) on a transformers Llama: training step with rotary "
                   "installed through PEFT against LoRA alone, generate() after merge_and_unload and fold",
                   devices=("cpu",)),
+    "train": Suite("rotary.lab.bench.train_speed:suite", "a transformers Llama at hidden 1024: full fine-tuning and "
+                   "LoRA training steps with P on the weights and on the activations against stock",
+                   devices=("cpu",)),
     "hf-whisper": Suite("rotary.lab.bench.hf_whisper_speed:suite",
                         "transformers' Whisper: decoding per token and a training step, installed against stock"),
     "gpu": Suite("rotary.lab.bench.gpu:suite", "the Triton kernel against the torch path, torch.compile, Liger-Kernel, "

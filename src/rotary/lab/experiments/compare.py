@@ -10,7 +10,7 @@ An output folder belongs to one comparison:
 - one process at a time: ``out/.lock`` is held with ``fcntl.flock`` while a comparison runs, so a second process
   on the folder is refused; the operating system drops the lock when its holder exits or is killed, so a killed
   run never leaves the folder locked (no lock where ``fcntl`` is missing, i.e. on Windows);
-- checkpoints record their run and settings (see :mod:`rotary.experiments.train`).
+- checkpoints record their run and settings (see :mod:`rotary.lab.experiments.train`).
 """
 
 from __future__ import annotations
@@ -126,9 +126,9 @@ def run_comparison(*, tasks: list[str], schemes: list[str], seeds: int, cfg: Tra
     rank 0 (None on other ranks, or when ``interrupt_after`` stopped it). Raises CompareError for a folder that
     belongs to another comparison or process, or cannot be written (see the module docstring).
 
-    The 2-D tasks (``grid``, ``digits``: :mod:`rotary.experiments.grid`) train the classifier of
-    :mod:`rotary.experiments.vision` with ``schemes_2d`` (default: all of SCHEMES_2D), ``seeds_2d`` seeds and the
-    budget ``cfg_2d`` (default :class:`rotary.experiments.vision.GridConfig`), on rank 0 alone; ``schemes``,
+    The 2-D tasks (``grid``, ``digits``: :mod:`rotary.lab.experiments.grid`) train the classifier of
+    :mod:`rotary.lab.experiments.vision` with ``schemes_2d`` (default: all of SCHEMES_2D), ``seeds_2d`` seeds and the
+    budget ``cfg_2d`` (default :class:`rotary.lab.experiments.vision.GridConfig`), on rank 0 alone; ``schemes``,
     ``seeds`` and ``cfg`` are the 1-D tasks'. The ``extend`` task (:mod:`rotary.lab.experiments.extend`: pretrain
     on the text corpus, then fine-tune variants at a longer length) runs with ``cfg_extend`` (default
     :class:`rotary.lab.experiments.extend.ExtendConfig`, its seeds included), on rank 0 alone."""

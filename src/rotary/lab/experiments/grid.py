@@ -5,7 +5,7 @@ A batch is ``(tokens, labels, mask)``: tokens ``(B, L)`` long; labels ``(B,)`` l
 (``mask`` None), or ``(B, L)`` with ``mask`` ``(B, L)`` bool for a label per token scored where the mask is
 set. Every batch is a pure function of
 ``(seed, step)`` (training) or of the validation batch index and the side (evaluation), as in
-:mod:`rotary.experiments.data`.
+:mod:`rotary.lab.experiments.data`.
 
 - ``grid``: one cell holds the marker A, the others random noise symbols; every cell answers "am I on one of
   the two diagonals through A (``|dr| == |dc| > 0``)?", scored on the diagonal cells and on their near misses

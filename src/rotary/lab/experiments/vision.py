@@ -5,7 +5,7 @@ Shapes: B batch, S side, L = S * S tokens (row-major), E width, H heads, D head_
 The model: token embedding (+ a learned S0 x S0 table for "learned-2d") -> pre-LayerNorm blocks (full, not causal,
 self-attention with one shared 2-D :class:`rotary.Rotary` on q and k; GELU MLP) -> LayerNorm -> mean over
 tokens (one label per image; skipped for a label per token) -> linear head. Positions are the task's (row, column)
-of each token (:meth:`rotary.experiments.grid.GridTask.positions`). The learned table is defined on the training
+of each token (:meth:`rotary.lab.experiments.grid.GridTask.positions`). The learned table is defined on the training
 side S0; at other sides it is resized bilinearly (what ViTs do when fine-tuning at a new resolution).
 
 A run trains for ``steps`` AdamW steps (warm-up, cosine decay) on batches that are a function of (seed, step),

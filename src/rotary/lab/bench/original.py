@@ -1,4 +1,4 @@
-"""A faithful re-implementation of the original Whisper rotary module (docs/origin.md): the "seed" baseline.
+"""The original module (docs/origin.md), re-implemented faithfully: the baseline every speed target beats.
 
 Benchmark code only, never imported by the library. Its defects are kept on purpose, because they are what is
 being measured against: the Givens planes come from the global RNG and may repeat an index (i == j, then the
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 
-class SeedRotary(nn.Module):
+class OriginalRotary(nn.Module):
     def __init__(self, dims: int, heads: int):
         super().__init__()
         self.base = 10000
