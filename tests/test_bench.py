@@ -12,8 +12,8 @@ import torch
 
 from rotary.lab.bench import contenders as C
 from rotary.lab.bench import kernels, report, suites
+from rotary.lab.bench.original import OriginalRotary
 from rotary.lab.bench.rows import Row, ratio_row, time_rows
-from rotary.lab.bench.seed import SeedRotary
 from rotary.lab.bench.targets import TARGETS, Target, find, judge
 from rotary.lab.cli import main
 
@@ -195,7 +195,7 @@ def test_inputs_come_from_the_seed_given():
 def test_seed_defects_are_real():
     """What the original module gets wrong, so that the baseline stays faithful."""
     torch.manual_seed(0)
-    m = SeedRotary(dims=64, heads=4)
+    m = OriginalRotary(dims=64, heads=4)
     x = torch.randn(2, 5, 64, requires_grad=True)
     m(x).sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
@@ -232,6 +232,47 @@ def test_lora_suite_times_lora_alone_against_the_same_lora_with_rotary():
     folded = rotary.fold(copy.deepcopy(installed).merge_and_unload())
     assert type(folded) is type(stock) and rotary.hf.installed(folded) is None
     assert not any(isinstance(m, rotary.Rotary) for m in folded.modules())
+
+
+def test_train_suite_compares_equal_models():
+    """The train suite's LoRA contenders compute the same function: P on the base weight and lora_B (built by hand)
+    gives the installed model's loss and P's gradient, with P away from the identity; its full fine-tuning models
+    with P on the weights and on the activations hold the same P and give the same loss."""
+    pytest.importorskip("peft")
+    import copy
+
+    import rotary
+    from rotary.lab.bench import train_speed
+    from rotary.lab.bench.hf_speed import tiny_llama
+
+    generator = torch.Generator().manual_seed(0)
+    stock = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=64, generator=generator)
+    tokens = torch.randint(3, 64, (2, 9), generator=generator)
+    lora = train_speed._lora(stock, 2, generator)
+    installed = train_speed._turn(rotary.hf.install(copy.deepcopy(lora)), generator)
+    by_hand = train_speed._lora_p_on_weights(lora, installed)
+    logits, grads = [], []
+    for model in (installed, by_hand, lora):
+        out = model(tokens, labels=tokens)
+        logits.append(out.logits)
+        rot = [p for n, p in model.named_parameters() if "angles" in n and p.requires_grad]
+        grads.append(torch.autograd.grad(out.loss, rot) if rot else None)
+    assert (logits[0] - logits[1]).abs().max() <= 1e-5 and (logits[0] - logits[2]).abs().max() > 1e-3
+    assert len(grads[0]) == len(grads[1]) == 1 and all(g.abs().sum() > 0 for g in grads[0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0], grads[1]))
+    full = [train_speed._turn(rotary.hf.install(copy.deepcopy(stock), mix_on=where), torch.Generator().manual_seed(1))
+            for where in ("weights", "activations")]
+    full_logits = [m(tokens).logits for m in full]
+    assert (full_logits[0] - full_logits[1]).abs().max() <= 1e-5
+    assert (full_logits[0] - stock(tokens).logits).abs().max() > 1e-3
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    from rotary.lab.bench.train_speed import paired
+
+    r = paired([2.0, 3.0, 10.0, 4.0, 2.2], [1.0, 1.0, 2.0, 2.0, 2.0])  # ratios 2, 3, 5, 2, 1.1
+    assert r["median"] == 2.0
+    assert r["spread"] > 0 and paired([3.0], [2.0]) == {"median": 1.5, "spread": 0.0}
 
 
 # --- the lab modules

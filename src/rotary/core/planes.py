@@ -82,7 +82,7 @@ class _RotatePlanes(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             xi, xj = x[..., si], x[..., sj]
             axes = tuple(range(x.dim() - 1))
-            part = torch.empty(gi.shape, dtype=gi.dtype, device=gi.device)  # contiguous: reused for both sums
+            part = torch.empty_like(gi)  # gi's axis order (weight rows: C innermost): reused for both sums
             _write(part, gj, xi, gi, xj, -1)
             across = part.sum(axes)  # sum(g_j x_i - g_i x_j)
             _write(part, gi, xi, gj, xj)
