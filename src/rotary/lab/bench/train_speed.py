@@ -78,17 +78,17 @@ def _p_alone(rot, *, layers: int, shapes: dict[str, tuple], weights: dict[str, t
     D = rot.head_dim
     outputs = {k: torch.randn(s, generator=generator).requires_grad_(True) for k, s in shapes.items()}
     rows = {k: torch.randn(s, generator=generator).requires_grad_(True) for k, s in weights.items()}
-    grads = {k: torch.randn(t.shape, generator=generator) for k, t in {**outputs, **rows}.items()}
+    grads = {id(t): torch.randn(t.shape, generator=generator) for t in (*outputs.values(), *rows.values())}
 
     def on_activations():
         for _ in range(layers):
-            for k, y in outputs.items():
-                rot.mixer.rotate(y.unflatten(-1, (-1, D))).flatten(-2).backward(grads[k])
+            for y in outputs.values():
+                rot.mixer.rotate(y.unflatten(-1, (-1, D))).flatten(-2).backward(grads[id(y)])
 
     def on_weights():
         for _ in range(layers):
-            for k, w in rows.items():
-                rot.mixer.rotate(w.unflatten(0, (-1, D)), dim=1).flatten(0, 1).backward(grads[k])
+            for w in rows.values():
+                rot.mixer.rotate(w.unflatten(0, (-1, D)), dim=1).flatten(0, 1).backward(grads[id(w)])
 
     return {"p_activations": on_activations, "p_weights": on_weights}
 
