@@ -159,8 +159,9 @@ class GivensMixing(_Mixing):
         compute dtype): without a gather where the planes are strided (:mod:`rotary.core.planes`), else
         ``c * x + s * x[partner]``. For P outside the RoPE kernel: an install's projection outputs or weight rows.
         """
-        if self._slices is not None:
-            return rotate_planes(x, self.angles.to(device=x.device, dtype=x.dtype), self._slices, dim)
+        slices = getattr(self, "_slices", None)  # absent from a module pickled by an earlier version: the gather
+        if slices is not None:
+            return rotate_planes(x, self.angles.to(device=x.device, dtype=x.dtype), slices, dim)
         c, s, partner = (t.to(x.device) for t in self.coefficients(x.dtype))
         moved = x.movedim(dim, -1)
         return (moved * c + moved.index_select(-1, partner) * s).movedim(-1, dim)
