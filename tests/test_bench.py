@@ -242,14 +242,13 @@ def test_train_suite_compares_equal_models():
     import copy
 
     import rotary
-    from rotary.lab.bench import train_speed
+    from rotary.lab.bench import lora_speed, train_speed
     from rotary.lab.bench.hf_speed import tiny_llama
 
     generator = torch.Generator().manual_seed(0)
     stock = tiny_llama(layers=2, hidden=64, heads=4, kv_heads=2, vocab=64, generator=generator)
     tokens = torch.randint(3, 64, (2, 9), generator=generator)
-    lora = train_speed._lora(stock, 2, generator)
-    installed = train_speed._turn(rotary.hf.install(copy.deepcopy(lora)), generator)
+    lora, installed = lora_speed._lora_models(stock, r=2, mixing="givens", generator=generator)
     by_hand = train_speed._lora_p_on_weights(lora, installed)
     logits, grads = [], []
     for model in (installed, by_hand, lora):

@@ -23,13 +23,13 @@ import torch
 import rotary
 from rotary.integrations.install.mix import MixedWeights
 from rotary.lab.bench.hf_speed import summary, tiny_llama, train_step
+from rotary.lab.bench.lora_speed import TARGET_MODULES, _lora_models
 from rotary.lab.bench.rows import Row, time_rows
 from rotary.lab.bench.timing import time_interleaved
 
 __all__ = ["measure", "paired", "suite"]
 SUITE = "train"
 QUICK = {"layers": 1, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 64, "batch": 1, "seq": 8, "r": 2}
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj")
 
 
 def _turn(model, generator: torch.Generator):
@@ -38,19 +38,6 @@ def _turn(model, generator: torch.Generator):
         for name, p in model.named_parameters():
             if ".rotary." in name and p.requires_grad:
                 p.normal_(0.0, 0.5, generator=generator)
-    return model
-
-
-def _lora(stock, r: int, generator: torch.Generator):
-    """A PEFT LoRA model of a copy of ``stock``, its LoRA weights drawn from ``generator`` (B away from zero)."""
-    import peft
-
-    config = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(TARGET_MODULES))
-    model = peft.get_peft_model(copy.deepcopy(stock), config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.normal_(0.0, 0.02, generator=generator)
     return model
 
 
@@ -129,8 +116,7 @@ def measure(
     for where in ("weights", "activations"):
         model = rotary.hf.install(copy.deepcopy(stock), mixing=mixing, mix_on=where)
         full[f"full_{where}"] = _turn(model, torch.Generator().manual_seed(seed + 1))  # the same P in both
-    lora = _lora(stock, r, generator)
-    installed = _turn(rotary.hf.install(copy.deepcopy(lora), mixing=mixing), generator)
+    lora, installed = _lora_models(stock, r=r, mixing=mixing, generator=generator)  # the lora suite's pair
     adapters = {"lora": lora, "lora_installed": installed, "lora_weights": _lora_p_on_weights(lora, installed)}
 
     seconds = {}
