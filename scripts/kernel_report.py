@@ -21,8 +21,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, 
 
 import torch
 
-from rotary.core.triton_aot import TARGETS, compile_launch
-from rotary.core.triton_launch import Variant, aot_launch
+from rotary.core.kernels.triton_aot import TARGETS, compile_launch
+from rotary.core.kernels.triton_launch import Variant, aot_launch
 
 B, T, H, D = 8, 4096, 32, 128
 WARPS = 4  # triton's default, which both launchers keep

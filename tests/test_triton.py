@@ -1,4 +1,4 @@
-"""The Triton kernel (rotary.core.kernel.rope and its ops) against the float64 oracle: outputs and every gradient.
+"""The Triton kernel (rotary.core.kernels.rope and its ops) against the float64 oracle: outputs and every gradient.
 
 Without a GPU the kernels run under Triton's interpreter. Triton reads TRITON_INTERPRET when its own library and
 our kernels are decorated, i.e. when triton is first imported, which other tests of the suite may already have
@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from conftest import ulp
 
-from rotary.core import kernel
+from rotary.core import kernels
 from rotary.core.mixing import GivensMixing
 from rotary.core.reference import apply_rotary_reference, givens_matrix_reference
 
@@ -91,7 +91,7 @@ def test_forward_and_gradients_match_reference(layout, interleaved, d, r, mix):
     cos, sin = table(20, r)
     g = givens_module(r, interleaved, d) if mix else None
     xin = (x if layout == "BTHD" else x.transpose(1, 2).contiguous()).requires_grad_()
-    y = kernel.rope(xin, cos, sin, interleaved=interleaved, layout=layout, offset=5,
+    y = kernels.rope(xin, cos, sin, interleaved=interleaved, layout=layout, offset=5,
                     givens=None if g is None else g.coefficients())
     angles = None if g is None else g.angles.detach().double().cpu().requires_grad_()
     xd = x.detach().double().requires_grad_()
@@ -114,7 +114,7 @@ def test_low_precision_one_rounding(dtype):
     cos, sin = table(T, 8)
     g = givens_module(8, True)
     xin = x.clone().requires_grad_()
-    y = kernel.rope(xin, cos, sin, givens=g.coefficients(), layout="BTHD")
+    y = kernels.rope(xin, cos, sin, givens=g.coefficients(), layout="BTHD")
     assert y.dtype == dtype
     angles = g.angles.detach().double().cpu()
     ref = reference(x, cos[None], sin[None], True, g, angles)
@@ -127,7 +127,7 @@ def test_low_precision_one_rounding(dtype):
     reference(xd, cos[None], sin[None], True).backward(grad.double(), inputs=[xd])
     gref = torch.einsum("ed,bthe->bthd", P, xd.grad)
     assert ((xin.grad.double() - gref).abs() <= ulp(gref, dtype) / 2 + 1e-6).all()
-    assert torch.equal(kernel.rope(x, cos, sin, interleaved=True, layout="BTHD")[..., 8:], x[..., 8:])
+    assert torch.equal(kernels.rope(x, cos, sin, interleaved=True, layout="BTHD")[..., 8:], x[..., 8:])
 
 
 @pytest.mark.parametrize("where", ["int", "offsets", "positions", "positions (T,)"])
@@ -140,7 +140,7 @@ def test_table_gathers_positions_in_kernel_with_gqa_keys(where):
     kw = {"int": {"offset": 9}, "offsets": {"offset": torch.tensor([4, 11], device=DEVICE)},
           "positions": {"positions": torch.randint(0, 40, (B, Tk), device=DEVICE)},
           "positions (T,)": {"positions": torch.randint(0, 40, (Tk,), device=DEVICE)}}[where]
-    yq, yk = kernel.rope(q, cos, sin, k=k, interleaved=False, layout="BHTD", givens=g.coefficients(), **kw)
+    yq, yk = kernels.rope(q, cos, sin, k=k, interleaved=False, layout="BHTD", givens=g.coefficients(), **kw)
     if where == "int":
         kpos = (9 - (Tk - Tq) + torch.arange(Tk, device=DEVICE)).expand(B, -1)
     elif where == "offsets":
@@ -172,7 +172,7 @@ def test_cos_sin_gradients(shape, mix, d, r, interleaved):
     cos, sin = angles_t.cos().requires_grad_(), angles_t.sin().requires_grad_()
     g = givens_module(r, interleaved, d) if mix else None
     kw = {"positions": torch.tensor([3, 0, 11, 5, 5, 2, 7], device=DEVICE)} if shape == "table" else {}
-    y = kernel.rope(x, cos, sin, givens=None if g is None else g.coefficients(), layout="BTHD",
+    y = kernels.rope(x, cos, sin, givens=None if g is None else g.coefficients(), layout="BTHD",
                     interleaved=interleaved, **kw)
     cd, sd = cos.detach().double().requires_grad_(), sin.detach().double().requires_grad_()
     ct, st = (cd[kw["positions"]][None], sd[kw["positions"]][None]) if shape == "table" else (cd, sd)
@@ -199,7 +199,7 @@ def test_varlen_positions_restart_per_sequence(mode, monkeypatch):
     k = torch.randn(9, 1, D, device=DEVICE)
     cos, sin = table(30, D)
     offsets = torch.tensor([0, 7, 2], device=DEVICE)
-    yq, yk = kernel.rope(x, cos, sin, k=k, cu_seqlens=cu, offset=offsets)
+    yq, yk = kernels.rope(x, cos, sin, k=k, cu_seqlens=cu, offset=offsets)
     start = 0
     for n, length in enumerate(lengths):
         pos = offsets[n] + torch.arange(length, device=DEVICE)
@@ -207,7 +207,7 @@ def test_varlen_positions_restart_per_sequence(mode, monkeypatch):
             ref = reference(t[start : start + length][None], cos[pos][None], sin[pos][None], True)
             close(y[start : start + length][None], ref)
         start += length
-    assert torch.equal(kernel.varlen_positions(cu, 9), torch.tensor([0, 1, 2, 0, 0, 1, 2, 3, 4], device=DEVICE))
+    assert torch.equal(kernels.varlen_positions(cu, 9), torch.tensor([0, 1, 2, 0, 0, 1, 2, 3, 4], device=DEVICE))
 
 
 def test_inplace_matches_out_of_place_and_backpropagates():
@@ -216,20 +216,20 @@ def test_inplace_matches_out_of_place_and_backpropagates():
     g = givens_module(6, True)
     with torch.no_grad():
         c = g.coefficients()
-        expected = kernel.rope(x, cos, sin, givens=c, layout="BTHD")
+        expected = kernels.rope(x, cos, sin, givens=c, layout="BTHD")
         buf = x.clone()
-        out = kernel.rope(buf, cos, sin, givens=c, inplace=True, layout="BTHD")
+        out = kernels.rope(buf, cos, sin, givens=c, inplace=True, layout="BTHD")
     assert out.data_ptr() == buf.data_ptr()
     torch.testing.assert_close(buf, expected, atol=0, rtol=0)
     leaf = x.clone().requires_grad_()
-    y = kernel.rope(leaf * 1, cos, sin, givens=c, inplace=True, layout="BTHD")  # in place on a non-leaf
+    y = kernels.rope(leaf * 1, cos, sin, givens=c, inplace=True, layout="BTHD")  # in place on a non-leaf
     y.backward(torch.ones_like(y))
     xd = x.double().requires_grad_()
     reference(xd, cos[None], sin[None], True, g, g.angles.detach().double().cpu()).sum().backward()
     close(leaf.grad, xd.grad)
     with pytest.raises(ValueError, match="inplace"):
         # the angles' gradient needs x
-        kernel.rope(x.clone(), cos, sin, givens=g.coefficients(), inplace=True, layout="BTHD")
+        kernels.rope(x.clone(), cos, sin, givens=g.coefficients(), inplace=True, layout="BTHD")
 
 
 @pytest.mark.parametrize("packed", ["(B, T, 3, H, D)", "(B, T, Hq + 2 Hk, D)"])
@@ -240,7 +240,7 @@ def test_packed_qkv(packed, inplace):
     q, k, v = (qkv.unbind(2) if qkv.dim() == 5 else qkv.split([Hq, Hk, Hk], 2))
     expected = [reference(t, COS[4 : 4 + T][None], SIN[4 : 4 + T][None], False) for t in (q, k)]
     src = qkv.clone()
-    out = kernel.rope_qkv(src, COS, SIN, heads_q=None if qkv.dim() == 5 else Hq, interleaved=False, offset=4,
+    out = kernels.rope_qkv(src, COS, SIN, heads_q=None if qkv.dim() == 5 else Hq, interleaved=False, offset=4,
                           inplace=inplace)
     assert out.shape == qkv.shape and (out.data_ptr() == src.data_ptr()) == inplace
     oq, ok, ov = (out.unbind(2) if out.dim() == 5 else out.split([Hq, Hk, Hk], 2))
@@ -264,30 +264,33 @@ def test_bad_input_raises_the_same_before_any_launch(mode, monkeypatch):
     ]
     for kw, match in cases:
         with pytest.raises(ValueError, match=match):
-            kernel.rope(x, COS, SIN, **{"layout": "BTHD", **kw})
+            kernels.rope(x, COS, SIN, **{"layout": "BTHD", **kw})
     with pytest.raises(ValueError, match="one shape"):
-        kernel.rope(x, COS, SIN[:, :4], layout="BTHD")
+        kernels.rope(x, COS, SIN[:, :4], layout="BTHD")
     with pytest.raises(ValueError, match="r/2 <= head_dim/2"):
-        kernel.rope(x, torch.ones(16, 6, device=DEVICE), torch.ones(16, 6, device=DEVICE), layout="BTHD")
+        kernels.rope(x, torch.ones(16, 6, device=DEVICE), torch.ones(16, 6, device=DEVICE), layout="BTHD")
 
 
 def test_choose(monkeypatch):
     x = torch.randn(2, 3, device=DEVICE)
-    assert kernel.choose(x) == "triton"
-    assert kernel.choose(x.double()) == "torch"  # float64 keeps float64 arithmetic
+    assert kernels.choose(x) == "triton"
+    assert kernels.choose(x.double()) == "torch"  # float64 keeps float64 arithmetic
+    with torch.no_grad():  # the Triton kernel comes before the no-grad one, which is for the torch side
+        assert kernels.choose(x, table_rows=True) == "triton"
+        assert kernels.choose(x.double(), table_rows=True) == "no-grad"
     monkeypatch.setenv("ROTARY_KERNEL", "torch")
-    assert kernel.choose(x) == "torch"
+    assert kernels.choose(x) == "torch"
     monkeypatch.setenv("ROTARY_KERNEL", "auto")
-    assert kernel.choose(x) == ("triton" if DEVICE == "cuda" else "torch")
+    assert kernels.choose(x) == ("triton" if DEVICE == "cuda" else "torch")
     monkeypatch.setenv("ROTARY_KERNEL", "gpu")
     with pytest.raises(ValueError, match="ROTARY_KERNEL"):
-        kernel.choose(x)
+        kernels.choose(x)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device")
 def test_table_on_another_device_is_moved():
     x = torch.randn(B, T, H, D, device="cuda")
-    y = kernel.rope(x, COS.cpu(), SIN.cpu(), offset=2, layout="BTHD")
+    y = kernels.rope(x, COS.cpu(), SIN.cpu(), offset=2, layout="BTHD")
     close(y, reference(x, COS[2 : 2 + T][None], SIN[2 : 2 + T][None], True))
 
 
@@ -300,7 +303,7 @@ def test_compile_fullgraph_traces_the_custom_op(fresh_dynamo):
 
     def f(x, offset):
         angles = (offset + torch.arange(T, device=x.device))[:, None] * freqs
-        return kernel.rope(x, angles.cos()[None], angles.sin()[None], layout="BHTD", givens=g.coefficients())
+        return kernels.rope(x, angles.cos()[None], angles.sin()[None], layout="BHTD", givens=g.coefficients())
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(f, backend=counter, fullgraph=True)
@@ -319,13 +322,13 @@ def test_compile_fullgraph_traces_the_custom_op(fresh_dynamo):
     ("BTHD", (T, 1, 4)), ("BHTD", (T, 4)), ("BHTD", (B, 1, T, 4)), ("BTHD", (B, T, H, 4)), ("BHTD", (B, H, T, 4)),
 ])
 def test_rotate_takes_functional_contract(layout, cos_shape):
-    """kernel.rotate (Rotary's general path on the Triton kernel): cos/sin broadcast against x[..., :r/2] in x's
+    """kernels.rotate (Rotary's general path on the Triton kernel): cos/sin broadcast against x[..., :r/2] in x's
     own layout, gradients of x, cos, sin and the Givens angles."""
     g = givens_module(8, True)
     x = torch.randn((B, T, H, D) if layout == "BTHD" else (B, H, T, D), device=DEVICE, requires_grad=True)
     a = torch.randn(cos_shape, device=DEVICE)
     cos, sin = a.cos().requires_grad_(), a.sin().requires_grad_()
-    y = kernel.rotate(x, cos, sin, interleaved=True, givens=g.coefficients())
+    y = kernels.rotate(x, cos, sin, interleaved=True, givens=g.coefficients(), kernel="triton")
 
     def bthd(t):  # x's layout -> (B, T, H, ...)
         return t if layout == "BTHD" else t.transpose(1, 2)
@@ -343,7 +346,7 @@ def test_rotate_takes_functional_contract(layout, cos_shape):
         close(got, want, atol=1e-4)
 
 
-# --- Rotary on the Triton kernel: the table gathered in the kernel, and the general path's kernel.rotate
+# --- Rotary on the Triton kernel: the table gathered in the kernel, and the general path's kernels.rotate
 
 def _trained(m):
     with torch.no_grad():
@@ -377,7 +380,7 @@ def test_rotary_forward_and_rotate_qk_on_the_kernel(mixing, grad):
 
 
 def test_rotary_learned_frequencies_and_directions_take_kernel_gradients():
-    """cos/sin that depend on parameters go through kernel.rotate: the gradients of the frequency scale (and of
+    """cos/sin that depend on parameters go through kernels.rotate: the gradients of the frequency scale (and of
     learned N-D directions) match autograd through the float64 oracle."""
     from rotary import Rotary, rotary_reference
     from rotary.core.reference import rotary_nd_reference
@@ -412,12 +415,12 @@ def test_empty_inputs_launch_nothing():
     g = givens_module(D, True)
     for shape in [(0, T, H, D), (B, 0, H, D)]:
         x = torch.randn(shape, device=DEVICE, requires_grad=True)
-        y = kernel.rope(x, COS, SIN, givens=g.coefficients(), layout="BTHD")
+        y = kernels.rope(x, COS, SIN, givens=g.coefficients(), layout="BTHD")
         y.sum().backward()
         assert y.shape == shape and x.grad.shape == shape
     q = torch.randn(B, 0, H, D, device=DEVICE, requires_grad=True)  # no queries, keys from a cache
     k = torch.randn(B, 4, 1, D, device=DEVICE, requires_grad=True)
-    yq, yk = kernel.rope(q, COS, SIN, k=k, offset=4, givens=g.coefficients(), layout="BTHD")
+    yq, yk = kernels.rope(q, COS, SIN, k=k, offset=4, givens=g.coefficients(), layout="BTHD")
     (yq.sum() + yk.square().sum()).backward()
     close(yk, reference(k, COS[:4][None], SIN[:4][None], True, g, g.angles.detach().double().cpu()))
     assert yq.shape == q.shape and k.grad.shape == k.shape and g.angles.grad is not None

@@ -2,7 +2,7 @@
 can produce compiles, none spills to local memory, none takes more than 128 registers at the training shape, and
 the head rows move in 128-bit accesses.
 
-The variants are :data:`rotary.core.triton_launch.VARIANTS`, the list the launcher looks every launch up in, so a
+The variants are :data:`rotary.core.kernels.triton_launch.VARIANTS`, the list the launcher looks every launch up in, so a
 new switch cannot go untested. The default run compiles the training shape's main variants for sm_90 (a few
 seconds each); ``pytest -m aot -s`` (CI: .ci/run) compiles all of them, for both targets, in fp32, bf16 and fp16,
 full and partial rotary, and prints the register table. Compilation needs triton's own ptxas, no GPU; the kernels
@@ -20,13 +20,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from rotary.core import triton_kernel
-from rotary.core.triton_launch import VARIANTS, Variant, aot_launch
+from rotary.core.kernels import triton_kernel
+from rotary.core.kernels.triton_launch import VARIANTS, Variant, aot_launch
 
 if triton_kernel.INTERPRETED:
     pytest.skip("the kernels were decorated under TRITON_INTERPRET=1: nothing to compile", allow_module_level=True)
 
-from rotary.core.triton_aot import TARGETS, compile_launch
+from rotary.core.kernels.triton_aot import TARGETS, compile_launch
 
 MAX_REGS = 128  # the budget: 128 threads x 128 registers still fit 4 programs (16 warps) on an SM
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -12,11 +12,11 @@
 import importlib
 
 from .core.fold import fold
-from .core.functional import apply_rotary
+from .core.kernels import apply_rotary, rope
 from .core.module import Rotary, rotary
 from .core.reference import apply_rotary_reference, rotary_reference
 
-__all__ = ["Rotary", "apply_rotary", "apply_rotary_reference", "fold", "rotary", "rotary_reference"]
+__all__ = ["Rotary", "apply_rotary", "apply_rotary_reference", "fold", "rope", "rotary", "rotary_reference"]
 __version__ = "0.2.0"
 
 _INTEGRATIONS = ("decoder", "hf", "whisper")

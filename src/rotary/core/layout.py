@@ -23,18 +23,19 @@ def check_layout(layout: str) -> int:
     return 2 if layout == "BHTD" else 1
 
 
-def as_heads(x: Tensor, layout: str, name: str, *, dims: int, heads: int, head_dim: int,
+def as_heads(x: Tensor, layout: str, name: str, dims: int, heads: int, head_dim: int,
              allow_3d: bool = True) -> tuple[Tensor, int]:
     """x as 4-D heads and the index of its time axis; checks shape, dtype and layout."""
-    time_dim = check_layout(layout)
+    time_dim = 2 if layout == "BHTD" else 1 if layout == "BTHD" else check_layout(layout)  # (raises)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise ValueError(f"Rotary expects a floating-point tensor {name}, got {getattr(x, 'dtype', type(x))}")
-    if x.dim() == 3 and allow_3d:
-        if x.shape[-1] != dims:
-            raise ValueError(f"expected {name} of shape (batch, seq, dims={dims}), got {tuple(x.shape)}")
+    shape = x.shape  # read once: every x.shape builds a new torch.Size
+    if len(shape) == 3 and allow_3d:
+        if shape[-1] != dims:
+            raise ValueError(f"expected {name} of shape (batch, seq, dims={dims}), got {tuple(shape)}")
         return x.unflatten(-1, (heads, head_dim)), 1  # (B, T, H, D)
-    h = x.shape[3 - time_dim] if x.dim() == 4 else None
-    if x.dim() != 4 or x.shape[-1] != head_dim or h == 0 or heads % h != 0:
+    h = shape[3 - time_dim] if len(shape) == 4 else None
+    if len(shape) != 4 or shape[3] != head_dim or h == 0 or heads % h != 0:
         ranks = "rank 3 (batch, seq, dims) or 4" if allow_3d else "rank 4"
         order = "(batch, seq, heads, head_dim)" if layout == "BTHD" else "(batch, heads, seq, head_dim)"
         raise ValueError(

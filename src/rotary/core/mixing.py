@@ -17,7 +17,7 @@ import random
 import torch
 from torch import Tensor, nn
 
-from .functional import compute_dtype
+from .kernels.torch_kernel import compute_dtype
 from .planes import plane_slices, rotate_planes
 
 __all__ = ["GivensMixing", "OrthogonalMixing", "QuaternionMixing", "default_planes", "make_mixing", "resolve_kind"]

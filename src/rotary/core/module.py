@@ -5,7 +5,7 @@ Shapes: B batch, T sequence, H heads, D head_dim = dims // heads, r rotary_dim.
 The class composes the pieces, one concept a file: :mod:`~rotary.core.options` (the validated options),
 :mod:`~rotary.core.mixing` (P), :mod:`~rotary.core.angles` (frequencies and the cos/sin table),
 :mod:`~rotary.core.positions` (offset / positions / length of a call), :mod:`~rotary.core.layout` (BHTD, BTHD,
-``(B, T, dims)``), :mod:`~rotary.core.functional` (the kernel) and :mod:`~rotary.core.inference` (decode steps).
+``(B, T, dims)``) and :mod:`~rotary.core.kernels` (the kernels, and which one runs).
 """
 
 from __future__ import annotations
@@ -16,12 +16,9 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from . import kernel
 from .angles import Angles
 from .directions import trig_gradient
-from .functional import compute_dtype
-from .functional import rotate as rotate_torch
-from .inference import rotate_no_grad
+from .kernels import choose, compute_dtype, rope_at, rotate, rotate_no_grad
 from .layout import as_heads, qk_match, transposed_buffer
 from .mixing import GivensMixing, OrthogonalMixing, make_mixing
 from .options import RotaryOptions
@@ -84,6 +81,7 @@ class Rotary(nn.Module):
                                 sections=None if sections is None else tuple(sections))
         self.options = options
         self.dims, self.heads, self.head_dim = options.dims, options.heads, options.head_dim
+        self._nd = options.nd  # read at every call: a plain attribute, not options' property
         self.rotary_dim, self.base, self.interleaved, self.axes = (options.rotary_dim, options.base,
                                                                    options.interleaved, options.axes)
         self.mixer = make_mixing(options.mixing, self.head_dim, self.rope_pairs())
@@ -170,17 +168,18 @@ class Rotary(nn.Module):
         Returns:
             a tensor of x's shape and dtype.
         """
-        return self._call(x, offset, positions, length, layout, mix=True)
+        return self._call(x, offset, positions, length, layout, True)
 
     def rope(self, x: Tensor, *, offset: int | Tensor = 0, positions: Tensor | None = None,
              length: int | Tensor | None = None, layout: str = "BHTD") -> Tensor:
         """RoPE alone, ``R(m) x``, as :meth:`forward` takes it: for inputs that already carry P (P applied to
         the q/k projection weights, as the installs and the reference decoder do)."""
-        return self._call(x, offset, positions, length, layout, mix=False)
+        return self._call(x, offset, positions, length, layout, False)
 
     def _call(self, x: Tensor, offset, positions, length, layout: str, mix: bool) -> Tensor:
-        x4, time_dim = self._heads(x, layout, "x")
-        where = self._resolve(x4.shape[0], x4.shape[time_dim], offset, positions, length)
+        x4, time_dim = as_heads(x, layout, "x", self.dims, self.heads, self.head_dim)
+        shape = x4.shape
+        where = self._resolve(shape[0], shape[time_dim], offset, positions, length, 0)
         y = self._rotate_at(x4, None, time_dim, where, mix)
         return y.reshape(x.shape) if x.dim() == 3 else y
 
@@ -197,8 +196,8 @@ class Rotary(nn.Module):
         length defaults to the last query position + 1: passing the whole unrotated key cache each step gives
         exactly what a full forward over the same tokens gives.
         """
-        q4, time_dim = self._heads(q, layout, "q", allow_3d=False)
-        k4, _ = self._heads(k, layout, "k", allow_3d=False)
+        q4, time_dim = as_heads(q, layout, "q", self.dims, self.heads, self.head_dim, allow_3d=False)
+        k4, _ = as_heads(k, layout, "k", self.dims, self.heads, self.head_dim, allow_3d=False)
         if not qk_match(q4, k4, time_dim):
             raise ValueError(
                 f"k must have q's batch, at least q's length and a number of heads dividing q's ({layout}), "
@@ -234,31 +233,30 @@ class Rotary(nn.Module):
         return self.angles.cos_sin(positions, torch.float32, length)
 
     # ----------------------------------------------------------------------------------------- the general path
-    def _heads(self, x: Tensor, layout: str, name: str, allow_3d: bool = True) -> tuple[Tensor, int]:
-        return as_heads(x, layout, name, dims=self.dims, heads=self.heads, head_dim=self.head_dim, allow_3d=allow_3d)
-
     def _resolve(self, B: int, T: int, offset, positions, length, shift: int = 0) -> Where:
         angles = self._modules["angles"]  # read directly: nn.Module.__getattr__ costs about a microsecond a lookup
-        return resolve(B, T, offset, positions, length, shift=shift, axes=self.axes, nd=self.options.nd,
-                       length_dependent=angles.length_dependent, device=angles.device)
+        # positional: keyword arguments cost a share of a one-token call
+        return resolve(B, T, offset, positions, length, shift, self.axes, self._nd, angles.length_dependent,
+                       angles.device)
 
     def _rotate_at(self, x: Tensor, k: Tensor | None, time_dim: int, where: Where, mix: bool):
         """``R P x`` at ``where`` (``(R P x, R P k)`` with keys k: ``where.keys`` are theirs, x the last queries),
-        for 4-D x (and k) whose time axis is ``time_dim``. The one place that picks a path, first that applies:
+        for 4-D x (and k) whose time axis is ``time_dim``, on the kernel :func:`rotary.core.kernels.choose` picks
+        (once, here):
 
-        ==================  ==================================================================================
-        no-grad decode      eager, no gradient, fixed angles, a :class:`Span` of table rows: a complex multiply
-                            by rows of the table (:mod:`rotary.core.inference`), q and k one after the other
-        Triton kernel       :func:`rotary.core.kernel.choose` says triton, 1-D fixed angles, Givens or no P,
-                            integer positions inside the table: cos/sin gathered in the kernel, q and k in one
-                            launch (:meth:`_kernel_table`)
-        general             everything else: cos/sin of the keys (:meth:`Angles.cos_sin`), the queries' the last
-                            rows of them, rotated by :meth:`_rotate` (torch or Triton, cos/sin gradients flow)
-        ==================  ==================================================================================
+        ========  ======================================================================================
+        no-grad   a complex multiply by rows of the table (:mod:`rotary.core.kernels.no_grad`), q and k one
+                  after the other; where the rows are not in the table (or float64, compiling): torch
+        triton    1-D fixed angles, Givens or no P, integer positions inside the table: cos/sin gathered in
+                  the kernel, q and k in one launch (:meth:`_kernel_table`); otherwise as torch, on Triton
+        torch     cos/sin of the keys (:meth:`Angles.cos_sin`), the queries' the last rows of them, rotated
+                  by :meth:`_rotate` (cos/sin gradients flow)
+        ========  ======================================================================================
         """
         keys = x if k is None else k
-        triton = kernel.wants_triton(x)
-        if not triton and isinstance(where.keys, Span) and not torch.is_grad_enabled():
+        angles = self._modules["angles"]  # read directly: nn.Module.__getattr__ costs about a microsecond a lookup
+        kernel = choose(x, type(where.keys) is Span)
+        if kernel == "no-grad":
             y = rotate_no_grad(self, keys, time_dim, where.keys.start, mix)
             if y is not None and k is not None:
                 q_start = where.keys.start + where.shift if where.shift else where.keys.start
@@ -266,55 +264,63 @@ class Rotary(nn.Module):
                 y = None if yq is None else (yq, y)
             if y is not None:
                 return y
-        if triton and (k is None or k.dtype == x.dtype):
+            kernel = "torch"
+        elif kernel == "triton" and (k is None or k.dtype == x.dtype):
             y = self._kernel_table(x, k, time_dim, where, mix)
             if y is not None:
                 return y
-        cos, sin = self.angles.cos_sin(where.keys, compute_dtype(keys.dtype), where.length)
-        y = self._rotate(keys, cos, sin, time_dim, mix)
+        cos, sin = angles.cos_sin(where.keys, compute_dtype(keys.dtype), where.length)
+        y = self._rotate(keys, cos, sin, time_dim, mix, kernel)
         if k is None:
             return y
-        last = (..., slice(where.shift, None), slice(None)) + ((slice(None),) if self.angles.per_head else ())
-        return self._rotate(x, cos[last], sin[last], time_dim, mix), y
+        last = (..., slice(where.shift, None), slice(None)) + ((slice(None),) if angles.per_head else ())
+        return self._rotate(x, cos[last], sin[last], time_dim, mix, kernel), y
 
     def _kernel_table(self, x: Tensor, k: Tensor | None, time_dim: int, where: Where, mix: bool):
-        """The Triton kernel gathering cos/sin from the table itself (q and k in one launch): ``R P x`` (or
-        ``(R P x, R P k)``), or None where the table does not hold the angles (learned, length-dependent, N-D,
-        float or out-of-table positions, dense P) and the general path rotates."""
+        """The Triton kernel gathering cos/sin from the table itself at the key rows (q and k in one launch):
+        ``R P x`` (or ``(R P x, R P k)``), or None where the table does not hold the angles (learned,
+        length-dependent, N-D, float or out-of-table positions, dense P) and the general path rotates."""
         a, mixer = self.angles, (self.mixer if mix else None)
         if not a.fixed or a.directions is not None or (mixer is not None and not isinstance(mixer, GivensMixing)):
             return None
-        keys = where.keys
+        keys, (B, Tk) = where.keys, (x.shape[0], x.shape[time_dim] if k is None else k.shape[time_dim])
+        at = {"positions": None, "offsets": None, "offset": 0}
         if isinstance(keys, Span) and not isinstance(keys.start, Tensor):
-            # the kernel's offset is the first query's position
-            rows, at = keys.start + keys.count, {"offset": keys.start + where.shift}
+            rows, at["offset"] = keys.start + keys.count, keys.start
         else:
-            index = keys.tensor(a.device) if isinstance(keys, Span) else keys
+            if isinstance(keys, Span):  # per-row starts: the range of the starts, plus the span
+                index = keys.start.to(x.device).expand(B).contiguous()
+                at["offsets"] = index
+            else:
+                index = keys.to(x.device).view(-1, Tk)
+                at["positions"] = index
             span = index_range(index)
             if span is None or span[0] < 0:
                 return None  # float or negative positions: computed directly on the general path
-            rows, at = span[1] + 1, {"positions": index}
+            rows = span[1] + 1 + (Tk - 1 if isinstance(keys, Span) else 0)
         if not a.holds(rows):
             return None  # past the largest table: computed directly on the general path
-        return kernel.rope(x, a.cos_table, a.sin_table, k=k, interleaved=self.interleaved,
-                           layout="BTHD" if time_dim == 1 else "BHTD",
-                           givens=None if mixer is None else mixer.coefficients(x.dtype), **at)
+        xt, kt = (x, k) if time_dim == 1 else (x.transpose(1, 2), None if k is None else k.transpose(1, 2))
+        yq, yk = rope_at(xt, kt, a.cos_table, a.sin_table, table=True, givens=None if mixer is None else
+                         mixer.coefficients(x.dtype), interleaved=self.interleaved, kernel="triton", **at)
+        if time_dim == 2:
+            yq, yk = yq.transpose(1, 2), (None if yk is None else yk.transpose(1, 2))
+        return yq if k is None else (yq, yk)
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, time_dim: int, mix: bool) -> Tensor:
-        """``R P x`` for a 4-D x whose time axis is ``time_dim`` (1 or 2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``,
-        or ``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head directions. On the Triton kernel where
-        :func:`rotary.core.kernel.choose` says so (it takes cos/sin gradients itself)."""
-        per_head, triton = self.angles.per_head, kernel.wants_triton(x)
-        rotate = kernel.rotate if triton else rotate_torch
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor, time_dim: int, mix: bool, kernel: str) -> Tensor:
+        """``R P x`` on ``kernel`` (``"triton"`` or ``"torch"``) for a 4-D x whose time axis is ``time_dim`` (1 or
+        2); cos/sin ``(T, r/2)`` or ``(B, T, r/2)``, or ``(T, H, r/2)`` or ``(B, T, H, r/2)`` for per-head
+        directions (their gradients flow on both kernels)."""
+        per_head, triton = self.angles.per_head, kernel == "triton"
         if per_head and (cos.requires_grad or sin.requires_grad) and not torch.compiler.is_compiling() \
                 and not triton:
             # learned directions, eager: the fast kernel on detached cos/sin, their gradient taken from its output
-            y = self._rotate(x, cos.detach(), sin.detach(), time_dim, mix)
+            y = self._rotate(x, cos.detach(), sin.detach(), time_dim, mix, kernel)
             if time_dim == 2:
                 cos, sin = cos.transpose(-2, -3), sin.transpose(-2, -3)  # (.., H, T, r/2) against (B, H, T, D)
             return trig_gradient(y, cos, sin, interleaved=self.interleaved)
         if time_dim == 2 and transposed_buffer(x):
-            return self._rotate(x.transpose(1, 2), cos, sin, 1, mix).transpose(1, 2)
+            return self._rotate(x.transpose(1, 2), cos, sin, 1, mix, kernel).transpose(1, 2)
         if per_head:
             if x.shape[3 - time_dim] != self.heads:
                 raise ValueError(f'directions="mixed" turns each head its own way: x needs all {self.heads} heads, '
@@ -327,7 +333,8 @@ class Rotary(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, r/2) against (B, H, T, D)
         mixer = self.mixer if mix else None
         if isinstance(mixer, GivensMixing):
-            return rotate(x, cos, sin, interleaved=self.interleaved, givens=mixer.coefficients(x.dtype))
+            return rotate(x, cos, sin, interleaved=self.interleaved, givens=mixer.coefficients(x.dtype),
+                          kernel=kernel)
         if mixer is not None:  # dense P: one small matmul in float32+, rounded once after RoPE
             if isinstance(mixer, OrthogonalMixing) and _onnx_exporting():
                 raise ValueError('mixing="orthogonal" builds P with torch.linalg.matrix_exp, which has no ONNX form: '
@@ -336,8 +343,9 @@ class Rotary(nn.Module):
                                  'mixing="givens"')
             P = mixer.matrix(x.dtype)
             # contiguous first: a matmul's rounding depends on its input's strides, the result should not
-            return rotate(x.to(P.dtype).contiguous() @ P.T, cos, sin, interleaved=self.interleaved, out_dtype=x.dtype)
-        return rotate(x, cos, sin, interleaved=self.interleaved)
+            return rotate(x.to(P.dtype).contiguous() @ P.T, cos, sin, interleaved=self.interleaved,
+                          out_dtype=x.dtype, kernel=kernel)
+        return rotate(x, cos, sin, interleaved=self.interleaved, kernel=kernel)
 
     def extra_repr(self) -> str:
         o = self.options

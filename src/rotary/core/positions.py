@@ -53,6 +53,10 @@ class Where(NamedTuple):
     length: Tensor | None
 
 
+# A NamedTuple's own __new__ is a Python frame; on the decode steps' cheap path, the tuple is built directly.
+_new = tuple.__new__
+
+
 def _not_index(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex() or t.dtype == torch.bool
 
@@ -116,7 +120,7 @@ def _check_positions(positions, B: int, T: int, axes: int, nd: bool) -> Tensor:
     return positions
 
 
-def resolve(B: int, T: int, offset, positions, length, *, shift: int = 0, axes: int = 1, nd: bool = False,
+def resolve(B: int, T: int, offset, positions, length, shift: int = 0, axes: int = 1, nd: bool = False,
             length_dependent: bool = False, device=None) -> Where:
     """Check a call's ``offset``/``positions``/``length`` and return its :class:`Where`.
 
@@ -129,9 +133,9 @@ def resolve(B: int, T: int, offset, positions, length, *, shift: int = 0, axes: 
         if type(offset) is int:
             if type(shift) is not int or offset < shift:  # (offset >= shift >= 0 needs no call)
                 _check_start(offset, T, shift)
-            return Where(Span(offset - shift, T), shift, None)
+            return _new(Where, (_new(Span, (offset - shift, T)), shift, None))
         if isinstance(offset, Tensor) and offset.dtype in INDEX_DTYPES and offset.dim() == 1 and offset.shape[0] == B:
-            return Where(Span(offset - shift if shift else offset, T), shift, None)
+            return _new(Where, (_new(Span, (offset - shift if shift else offset, T)), shift, None))
     if nd and length is not None:
         raise ValueError("length= is for length-dependent scaling, which N-D directions do not take")
     length = check_length(B, length, device)

@@ -1,7 +1,7 @@
 """Plain, obviously-correct float64 implementations used as the oracle by the tests.
 
 Nothing here is fast or clever: every rotation is built as an explicit dense matrix and applied with einsum,
-so that the fast paths in :mod:`rotary.core.functional` and :mod:`rotary.core.mixing` are checked against code that
+so that the fast paths in :mod:`rotary.core.kernels` and :mod:`rotary.core.mixing` are checked against code that
 shares none of their tricks (complex views, in-place updates, index gathers, sparse plane updates).
 
 Shapes: B batch, T sequence, H heads, D head_dim, r rotary_dim.

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.functional import compute_dtype
+from ..core.kernels import compute_dtype
 from ..core.module import Rotary
 from ..core.options import RotaryOptions
 from .install import flag, heads_mixer, prepare_fold_into

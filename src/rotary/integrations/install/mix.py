@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...core.fold import check_placement, fold_mixing, mix_rows
-from ...core.functional import compute_dtype
+from ...core.kernels import compute_dtype
 from ...core.module import Rotary
 
 __all__ = ["MixedOutput", "MixedWeights", "commutes_with_rotations", "fold_rows", "heads_mixer", "plain_linear",

@@ -3,7 +3,7 @@
 Shapes: q and k ``(B, H, T, D)`` each (Hugging Face's layout, what Liger-Kernel and transformers take; flash-attn
 gets its own ``(B, T, H, D)``). Training: (8, 4096, 32, 128) bf16, forward and forward+backward, plain RoPE and
 Givens mixing; decode: batch 1 and 64, one token at position 8192. Contenders: the Triton kernel (one launch for
-q and k, cos/sin gathered from the table inside it), the torch path (:func:`rotary.core.functional.rotate` on
+q and k, cos/sin gathered from the table inside it), the torch path (:func:`rotary.core.kernels.rotate` on
 gathered cos/sin), ``torch.compile`` of it, Liger-Kernel's ``liger_rotary_pos_emb``, transformers'
 ``apply_rotary_pos_emb`` and flash-attn's Triton ``apply_rotary_emb``, each where importable (one logged line
 otherwise).
@@ -55,8 +55,7 @@ def _givens(D: int, device, generator):
 
 def _contenders(B, H, T, D, offset, dtype, device, generator, mix: bool, log) -> dict[str, tuple[Callable, list]]:
     """name -> (forward returning (q, k) rotated, the tensors backward differentiates)."""
-    from rotary.core import kernel
-    from rotary.core.functional import rotate
+    from rotary.core import kernels
 
     cos_t, sin_t = _table(offset + T, D, device)
 
@@ -69,15 +68,15 @@ def _contenders(B, H, T, D, offset, dtype, device, generator, mix: bool, log) ->
     params = [] if g is None else [g.angles]
     out: dict[str, tuple[Callable, list]] = {}
     q, k = qk()
-    out["triton"] = (lambda: kernel.rope(q, cos_t, sin_t, k=k, interleaved=False, layout="BHTD", offset=offset,
+    out["triton"] = (lambda: kernels.rope(q, cos_t, sin_t, k=k, interleaved=False, layout="BHTD", offset=offset,
                                          givens=None if g is None else g.coefficients()), [q, k, *params])
     cos_b, sin_b = cos_t[offset : offset + T][:, None], sin_t[offset : offset + T][:, None]  # (T, 1, r/2)
     qt, kt = qk("bthd")
 
     def torch_path():
         c = None if g is None else g.coefficients()
-        return rotate(qt, cos_b, sin_b, interleaved=False, givens=c), rotate(kt, cos_b, sin_b, interleaved=False,
-                                                                             givens=c)
+        return (kernels.rotate(qt, cos_b, sin_b, interleaved=False, givens=c, kernel="torch"),
+                kernels.rotate(kt, cos_b, sin_b, interleaved=False, givens=c, kernel="torch"))
 
     out["torch path"] = (torch_path, [qt, kt, *params])
     out["torch.compile(torch path)"] = (torch.compile(torch_path), [qt, kt, *params])
@@ -189,7 +188,7 @@ def _judged(times: dict, peak: float | None, device) -> list[Row]:
 
 def _correctness(device, seed) -> list[Row]:
     """Max |kernel - float64 reference| / tolerance over layouts, dtypes, Givens and a partial rotary dim."""
-    from rotary.core import kernel
+    from rotary.core import kernels
     from rotary.core.reference import apply_rotary_reference, givens_matrix_reference
 
     generator = torch.Generator(device).manual_seed(seed)
@@ -211,7 +210,7 @@ def _correctness(device, seed) -> list[Row]:
                     with torch.no_grad():
                         g.angles.normal_(generator=generator)
                 with torch.no_grad():
-                    y = kernel.rope(x.transpose(1, 2), cos, sin, layout="BHTD", interleaved=interleaved, offset=11,
+                    y = kernels.rope(x.transpose(1, 2), cos, sin, layout="BHTD", interleaved=interleaved, offset=11,
                                     givens=None if g is None else g.coefficients()).transpose(1, 2)
                 xd = x.double()
                 if g is not None:

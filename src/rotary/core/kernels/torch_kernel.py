@@ -1,4 +1,5 @@
-"""The rotary kernel: ``y = R(cos, sin) G x`` with an optional sparse Givens mixing G.
+"""The torch kernel: ``y = R(cos, sin) G x`` with an optional sparse Givens mixing G (which kernel runs:
+:func:`rotary.core.kernels.choose`).
 
 Shapes: B batch, T sequence, H heads, D head_dim, r rotary_dim (even, <= D). Inside this module cos/sin are
 already shaped to broadcast against ``x[..., :r/2]`` (e.g. ``(T, 1, r/2)`` for x ``(B, T, H, D)``).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["apply_rotary", "complex_viewable", "compute_dtype", "rope_into", "rotate"]
+__all__ = ["complex_viewable", "compute_dtype", "rope_into", "rotate_torch"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -221,8 +222,9 @@ def _rotary_composed(x, cos, sin, interleaved, c, s, partner, out_dtype):
     return y.to(out_dtype)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=None, out_dtype=None) -> Tensor:
-    """Internal entry: ``R G x`` with cos/sin broadcastable to ``x[..., :r/2]``; no validation.
+def rotate_torch(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=None, out_dtype=None) -> Tensor:
+    """``R G x`` with cos/sin broadcastable to ``x[..., :r/2]``; no validation (the caller:
+    :func:`rotary.core.kernels.rotate`).
 
     givens: None or ``(c, s, partner)`` from :meth:`rotary.core.mixing.GivensMixing.coefficients`.
     out_dtype: dtype of the result (default x's): lets a float32 intermediate be rounded only once.
@@ -232,34 +234,3 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=Non
     if torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad:
         return _rotary_composed(x, cos, sin, interleaved, c, s, partner, out_dtype)
     return _Rotary.apply(x, cos, sin, interleaved, c, s, partner, out_dtype)
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True) -> Tensor:
-    """Rotate x by RoPE given precomputed cos/sin.
-
-    Args:
-        x: ``(B, T, H, D)`` floating point.
-        cos, sin: ``(T, r/2)`` or ``(B, T, r/2)`` with ``r <= D``; float32 (or float64) recommended: they are
-            used in at least float32 whatever x's dtype.
-        interleaved: rotate pairs ``(2i, 2i+1)`` (GPT-J / Meta) if True, ``(i, i + r/2)`` (GPT-NeoX / HF) if False.
-
-    Returns:
-        ``(B, T, H, D)`` in x's dtype and channel layout; channels ``r:`` are passed through bit-exact.
-    """
-    if x.dim() != 4:
-        raise ValueError(f"apply_rotary expects x of shape (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"apply_rotary expects a floating-point x, got dtype {x.dtype}")
-    if cos.shape != sin.shape:
-        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    B, T, _, D = x.shape
-    if cos.dim() not in (2, 3) or cos.shape[-2] != T or (cos.dim() == 3 and cos.shape[0] != B):
-        raise ValueError(
-            f"cos/sin must have shape (seq, r/2) = ({T}, r/2) or (batch, seq, r/2) = ({B}, {T}, r/2), "
-            f"got {tuple(cos.shape)}"
-        )
-    if not 1 <= cos.shape[-1] <= D // 2:
-        raise ValueError(f"cos/sin last dim r/2 must be in [1, head_dim/2 = {D // 2}], got {cos.shape[-1]}")
-    # small tables made contiguous: the kernel then rounds the same whatever the tables' strides were
-    cos, sin = cos.contiguous(), sin.contiguous()
-    return rotate(x, cos.unsqueeze(-2), sin.unsqueeze(-2), interleaved=interleaved)

@@ -1,4 +1,5 @@
-"""The no-grad path of :class:`rotary.Rotary`: decode steps at the cost of the work.
+"""The no-grad kernel of :class:`rotary.Rotary`: decode steps at the cost of the work (chosen by
+:func:`rotary.core.kernels.choose`).
 
 Shapes: B batch, T tokens, H heads, D head_dim, r/2 rotated pairs.
 
@@ -15,24 +16,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .functional import rope_into
-from .layout import transposed_buffer
-from .positions import INDEX_DTYPES, index_range
+from ..layout import transposed_buffer
+from ..positions import index_range
+from .dispatch import KERNEL_DTYPES
+from .torch_kernel import rope_into
 
 __all__ = ["rotate_no_grad"]
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _table_rows(table: Tensor, start, B: int, T: int, time_dim: int) -> Tensor | None:
-    """Rows ``start + arange(T)`` of the complex table, shaped to broadcast against x; None if it cannot serve."""
-    if type(start) is int:
-        if start + T > table.shape[0]:
-            return None  # the general path grows the table or computes these rows
-        cis = table[start : start + T]  # (T, r/2)
-        return cis.unsqueeze(-2) if time_dim == 1 else cis  # (T, 1, r/2) against BTHD; (T, r/2) against BHTD
-    if not (isinstance(start, Tensor) and start.dim() == 1 and start.dtype in INDEX_DTYPES):
-        return None
+def _gathered_rows(table: Tensor, start, B: int, T: int, time_dim: int) -> Tensor | None:
+    """Rows ``start[b] + arange(T)`` of the complex table for an integer start ``(B,)`` or ``()`` (checked by
+    :func:`rotary.core.positions.resolve`), shaped to broadcast against x; None if it cannot serve."""
+    if start.dim() == 0:
+        start = start.expand(B)
     index = start if T == 1 else (start.view(B, 1) + torch.arange(T, device=start.device)).view(-1)
     if table.is_cpu:
         try:  # index_select checks the range itself on CPU: no host synchronisation needed
@@ -51,22 +46,32 @@ def _table_rows(table: Tensor, start, B: int, T: int, time_dim: int) -> Tensor |
 def rotate_no_grad(rotary, x4: Tensor, time_dim: int, start, mix: bool) -> Tensor | None:
     """``R(m) P x`` (``R(m) x`` if not ``mix``) for a :class:`rotary.Rotary` and a 4-D x4 it has checked (time on
     axis ``time_dim``), at positions ``start + arange(T)``; None where this path does not apply. Every check here
-    is a cheap attribute read."""
+    is a cheap attribute read: at one token each costs a measurable share of the call (docs/speed.md)."""
     # submodules read from _modules directly: nn.Module.__getattr__ costs about a microsecond a lookup
     angles, mixer = rotary._modules["angles"], rotary._modules.get("mixer")
-    if not angles.fixed or x4.dtype not in _DTYPES or torch.compiler.is_compiling():
+    if not angles.fixed or x4.dtype not in KERNEL_DTYPES or torch.compiler.is_compiling():
         return None
     if time_dim == 2 and transposed_buffer(x4):
         y = rotate_no_grad(rotary, x4.transpose(1, 2), 1, start, mix)
         return None if y is None else y.transpose(1, 2)
-    cis = _table_rows(angles.cis_table, start, x4.shape[0], x4.shape[time_dim], time_dim)
-    if cis is None:
-        return None
+    shape = x4.shape
+    T = shape[time_dim]
+    if type(start) is int:
+        if start + T > angles.cis_table.shape[0]:
+            return None  # the general path grows the table or computes these rows
+        # (T, 1, r/2) against (B, T, H, D); (T, r/2) against (B, H, T, D)
+        cis = (angles.cis_rows if time_dim == 1 else angles.cis_table)[start : start + T]
+    else:
+        cis = _gathered_rows(angles.cis_table, start, shape[0], T, time_dim)
+        if cis is None:
+            return None
     xf = x4 if x4.dtype == torch.float32 else x4.float()
     if mix and mixer is not None:
         xf = mixer.apply_frozen(xf)
     if rotary.interleaved and rotary.rotary_dim == rotary.head_dim and xf.is_contiguous():
-        y = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * cis).flatten(-2)
+        # a view by plain ints: unflatten and torch.Size arithmetic cost a microsecond each
+        s = shape if xf is x4 else xf.shape
+        y = torch.view_as_real(torch.view_as_complex(xf.view(s[0], s[1], s[2], s[3] // 2, 2)) * cis).flatten(-2)
     else:
         y = torch.empty_like(xf)
         rope_into(y, xf, cis.real, cis.imag, rotary.interleaved, rot=cis)

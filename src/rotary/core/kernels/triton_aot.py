@@ -4,8 +4,8 @@ A launch is specialised the way Triton's runtime would specialise it (its own bi
 divisible by 16 or equal to 1), from arguments that may be meta tensors (no memory), then compiled for a
 :class:`triton.backends.compiler.GPUTarget` with the ptxas that ships in the triton wheel; ``cuobjdump -res-usage``
 reads the registers and local memory (spills) of the cubin, and the PTX gives the width of every global load and
-store (stack or local memory above 0 is a spill). :func:`rotary.core.triton_launch.aot_launch` builds the launch of
-any variant; tests/test_triton_aot.py and scripts/kernel_report.py compile them here and print what comes back
+store (stack or local memory above 0 is a spill). :func:`rotary.core.kernels.triton_launch.aot_launch` builds the
+launch of any variant; tests/test_triton_aot.py and scripts/kernel_report.py compile them here and print what comes back
 (this module never prints). The kernels must be compiled ones (not decorated under ``TRITON_INTERPRET=1``), and
 triton's private ``JITFunction._pack_args`` turns the binder's specialisation into compile arguments
 (triton 3.x).

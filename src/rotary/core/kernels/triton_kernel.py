@@ -2,8 +2,8 @@
 then RoPE R, in one pass over x; and its backward, one pass over the upstream gradient.
 
 This module imports triton and is itself imported only when a Triton launch is wanted (its launches are in
-:mod:`rotary.core.triton_launch`), so that ``import rotary`` works without triton. Which kernel runs is chosen in
-:mod:`rotary.core.kernel`.
+:mod:`rotary.core.kernels.triton_launch`), so that ``import rotary`` works without triton. Which kernel runs is
+chosen in :func:`rotary.core.kernels.choose`.
 
 Shapes. A rotated tensor is seen as 4-D ``(A, T, H, D)`` with arbitrary strides: A the batch, T its rows (tokens),
 H the heads the kernel loops over, D head_dim; r = 2 * R2 rotary_dim (even, <= D). A ``(B, T, H, D)`` tensor is

@@ -1,8 +1,8 @@
-"""Launches of the Triton kernels of :mod:`rotary.core.triton_kernel` (shapes and maths: see there).
+"""Launches of the Triton kernels of :mod:`rotary.core.kernels.triton_kernel` (shapes and maths: see there).
 
 Block sizes, strides (0 on broadcast axes), dummies for unused pointers, the partial sums of the Givens
 gradients added up, empty inputs never launched. Imports triton: reached only through
-:mod:`rotary.core.triton_ops`, when a Triton launch is wanted.
+:mod:`rotary.core.kernels.triton_ops`, when a Triton launch is wanted.
 
 :data:`VARIANTS` lists every kernel the launcher can produce (its constexpr switches); a launch looks its switches
 up there, so a new switch or value must be listed, and the ahead-of-time test (``tests/test_triton_aot.py``)
@@ -176,7 +176,7 @@ def forward(x1: Tensor, o1: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bo
     place). cos/sin: a float32 table ``(rows, R2)`` (``table=True``; positions ``(A|1, ROWS)`` int, offsets
     ``(A,)`` int, offset int) or ``(A|1, ROWS|1, H|1, R2)``. givens: ``(c, s, partner)`` float32 ``(D,)``,
     ``(D,)``, int ``(D,)``. eager: called outside the registered ops (never traced). Inputs are not validated
-    here: :mod:`rotary.core.kernel` does that before launching."""
+    here: :mod:`rotary.core.kernels.apply` does that before launching."""
     if x2 is not None and x1.numel() == 0:  # nothing to read in x1 (no queries): k alone
         x1, o1, shift1, x2, o2 = x2, o2, shift2, None, None
     if x1.numel() == 0 or (x2 is not None and x2.numel() == 0):
@@ -289,7 +289,7 @@ def aot_launch(variant: Variant, dtype: torch.dtype, *, B: int = 8, T: int = 409
                rotary_dim: int | None = None):
     """(kernel, arguments, constexprs) of the launch that produces ``variant`` for ``(B, T, H, D)`` contiguous
     tensors of ``dtype`` (q and k alike), built on meta tensors (no memory): what
-    :func:`rotary.core.triton_aot.compile_launch` compiles."""
+    :func:`rotary.core.kernels.triton_aot.compile_launch` compiles."""
     meta = {"device": "meta"}
     r2 = (rotary_dim or D) // 2
     x = torch.empty(B, T, H, D, dtype=dtype, **meta)

@@ -1,10 +1,14 @@
-"""apply_rotary (the fast path) against the float64 reference and against rotary-embedding-torch."""
+"""The public kernel function ``rotary.rope`` (and ``rotary.apply_rotary``, it in flash-attn's layout) on the torch
+kernel, against the float64 reference and rotary-embedding-torch; :func:`rotary.core.kernels.choose`'s table.
+(The same calls on the Triton kernel: tests/test_triton.py.)"""
 
 import pytest
 import torch
 from conftest import ulp
 
+import rotary
 from rotary import apply_rotary, apply_rotary_reference
+from rotary.core.kernels import choose
 from rotary.core.frequencies import inverse_frequencies, rotary_angles
 
 
@@ -82,10 +86,10 @@ def test_matches_rotary_embedding_torch():
 @pytest.mark.parametrize(
     "x_shape,cos_shape,match",
     [
-        ((2, 3, 4), (3, 2), "shape \\(batch, seq, heads, head_dim\\)"),
-        ((2, 3, 4, 8), (4, 2), "cos/sin must have shape"),
-        ((2, 3, 4, 8), (5, 3, 2), "cos/sin must have shape"),
-        ((2, 3, 4, 8), (3, 5), "last dim r/2 must be in"),
+        ((2, 3, 4), (3, 2), "must be a 4-D floating-point tensor in layout BTHD"),
+        ((2, 3, 4, 8), (2, 2), "positions 0..2 lie past the cos/sin table \\(2 rows\\)"),
+        ((2, 3, 4, 8), (5, 3, 2), "per-token cos/sin must have shape"),
+        ((2, 3, 4, 8), (3, 5), "1 <= r/2 <= head_dim/2 = 4"),
     ],
 )
 def test_bad_shapes(x_shape, cos_shape, match):
@@ -96,5 +100,56 @@ def test_bad_shapes(x_shape, cos_shape, match):
 def test_integer_input_rejected():
     with pytest.raises(ValueError, match="floating-point"):
         apply_rotary(torch.ones(1, 2, 1, 4, dtype=torch.long), torch.ones(2, 2), torch.ones(2, 2))
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="of one shape"):
         apply_rotary(torch.ones(1, 2, 1, 4), torch.ones(2, 2), torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("where", ["offset", "offsets", "positions"])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rope_reads_table_rows_for_q_and_k(where, interleaved):
+    """rope's default layout (B, H, T, D), a table read at the keys' rows, queries the last Tq of them, grouped-query
+    keys: against the reference fed the rows by hand."""
+    B, Hq, Hk, Tq, Tk, D = 2, 4, 2, 3, 5, 8
+    table = torch.rand(40, D // 2, dtype=torch.float64) * 50
+    cos, sin = table.cos().float(), table.sin().float()
+    q, k = torch.randn(B, Hq, Tq, D), torch.randn(B, Hk, Tk, D)
+    if where == "offset":  # the first query's position: keys at 5..9
+        kw, rows = {"offset": 7}, torch.arange(5, 10).expand(B, Tk)
+    elif where == "offsets":
+        kw, rows = {"offset": torch.tensor([7, 30])}, torch.tensor([[5], [28]]) + torch.arange(Tk)
+    else:  # the keys' positions, any order
+        rows = torch.randint(0, 40, (B, Tk), generator=torch.Generator().manual_seed(0))
+        kw = {"positions": rows}
+    yq, yk = rotary.rope(q, cos, sin, k=k, interleaved=interleaved, **kw)
+    for y, x, r in ((yq, q, rows[:, Tk - Tq:]), (yk, k, rows)):
+        ref = apply_rotary_reference(x.transpose(1, 2), cos[r], sin[r], interleaved=interleaved).transpose(1, 2)
+        torch.testing.assert_close(y.double(), ref, atol=2e-6, rtol=0)
+
+
+def test_rope_refuses_rows_outside_the_table():
+    x, cos = torch.randn(1, 2, 3, 8), torch.ones(10, 4)
+    with pytest.raises(ValueError, match=r"positions 8\.\.10 lie past the cos/sin table \(10 rows\)"):
+        rotary.rope(x, cos, cos, offset=8)
+    with pytest.raises(ValueError, match=r"positions 0\.\.10 lie outside the cos/sin table \(10 rows\)"):
+        rotary.rope(x, cos, cos, positions=torch.tensor([0, 10, 3]))
+    with pytest.raises(ValueError, match=r"positions 8\.\.10 lie outside"):
+        rotary.rope(x, cos, cos, offset=torch.tensor([8]))
+    with pytest.raises(ValueError, match="leaves 2 earlier keys before position 0"):
+        rotary.rope(x, cos, cos, k=torch.randn(1, 2, 5, 8), offset=1)
+
+
+def test_choose_decision_table(monkeypatch):
+    """The rows of choose's table that a CPU without Triton reaches (the Triton rows: tests/test_triton.py)."""
+    x = torch.randn(2, 3)
+    monkeypatch.delenv("ROTARY_KERNEL", raising=False)
+    assert choose(x) == "torch" and choose(x, table_rows=True) == "torch"  # autograd on: never the no-grad kernel
+    with torch.no_grad():
+        assert choose(x) == "torch" and choose(x, table_rows=True) == "no-grad"
+    for mode in ("torch", "auto"):
+        monkeypatch.setenv("ROTARY_KERNEL", mode)
+        with torch.inference_mode():
+            assert choose(x, table_rows=True) == "no-grad" and choose(x.double(), table_rows=True) == "no-grad"
+        assert choose(x, table_rows=True) == "torch"
+    monkeypatch.setenv("ROTARY_KERNEL", "gpu")
+    with pytest.raises(ValueError, match="ROTARY_KERNEL must be one of"):
+        choose(x)

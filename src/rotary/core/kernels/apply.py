@@ -1,96 +1,31 @@
-"""Which kernel rotates (``ROTARY_KERNEL=auto|triton|torch``), and the kernel-level entry points.
+"""The public kernel function :func:`rope` (``rotary.rope``): flash-attn's interface to the kernels.
 
 Shapes: B batch, T tokens (Tq queries, Tk keys), H heads (Hk <= H keys, grouped-query), D head_dim, r rotary_dim.
 
-- :func:`choose`: ``"triton"`` or ``"torch"`` for a tensor. ``auto`` (the default) takes the Triton kernel for
-  tensors on a device Triton drives (CUDA/ROCm, XPU) when triton imports, the torch path otherwise; ``triton``
-  forces it (on CPU that is Triton's interpreter, ``TRITON_INTERPRET=1`` set before the kernel is first imported:
-  the tests' way in); ``torch`` forces the torch path. float64 always takes the torch path (its arithmetic is
-  float64; the kernel's is float32).
-- :func:`rope`: flash-attn-style RoPE (with Givens mixing) from a cos/sin table gathered inside the kernel, or
-  from per-token cos/sin that may carry gradients; q and k in one launch; varlen batches (``cu_seqlens``); in
-  place. The same call on the torch path where the Triton kernel is not chosen, so CPU users have all of it.
+- :func:`rope`: RoPE (after optional Givens mixing) from a cos/sin table gathered inside the kernel, or from
+  per-token cos/sin that may carry gradients; q and k in one launch; varlen batches (``cu_seqlens``); in place;
+  ``(B, H, T, D)`` like :class:`rotary.Rotary`, or flash-attn's ``(B, T, H, D)`` by ``layout="BTHD"``. The kernel
+  is :func:`rotary.core.kernels.choose`'s (Triton on CUDA), the same call on the torch kernel elsewhere, so CPU
+  users have all of it. :func:`apply_rotary` is it in flash-attn's layout (0.1's name).
 - :func:`rope_qkv`: packed ``(B, T, 3, H, D)`` or ``(B, T, Hq + 2 Hk, D)`` input.
 - :func:`varlen_positions`: ``cu_seqlens`` -> positions restarting at every sequence.
+- :func:`rope_at`: the validated call (key rows resolved), which :class:`rotary.Rotary` enters directly.
 
-Bad input raises the same ValueError on both paths, before any launch; tables and positions on another device
+Bad input raises the same ValueError on every kernel, before any launch; tables and positions on another device
 than x are moved to x's.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
 
-from .functional import rotate as torch_rotate
-from .positions import INDEX_DTYPES as _INDEX
-from .positions import check_offset as _check_offset
+from ..positions import INDEX_DTYPES as _INDEX
+from ..positions import check_offset, index_range
+from .dispatch import choose
+from .torch_kernel import rotate_torch
 
-__all__ = ["MODES", "choose", "kernel_mode", "rope", "rope_qkv", "rotate", "triton_available", "varlen_positions",
-           "wants_triton"]
-
-MODES = ("auto", "triton", "torch")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernel's inputs (float32 arithmetic)
-_DEVICES = ("cuda", "xpu")  # device types Triton compiles for
-
-
-def kernel_mode() -> str:
-    """``ROTARY_KERNEL`` (default ``auto``), checked."""
-    mode = os.environ.get("ROTARY_KERNEL", "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"ROTARY_KERNEL must be one of {MODES}, got {mode!r}")
-    return mode
-
-
-# found, not imported: importing triton costs a second and is left to the first launch
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-def triton_available() -> bool:
-    """Whether triton is installed."""
-    return _HAS_TRITON
-
-
-def choose(x: Tensor) -> str:
-    """``"triton"`` or ``"torch"``: the kernel that rotates x (see the module docstring)."""
-    mode = kernel_mode()
-    if mode == "torch" or x.dtype not in _DTYPES:
-        return "torch"
-    if mode == "auto":
-        return "triton" if x.device.type in _DEVICES and triton_available() else "torch"
-    if not triton_available():
-        raise ValueError("ROTARY_KERNEL=triton, but triton does not import: pip install triton")
-    if x.device.type not in _DEVICES:
-        from . import triton_kernel
-
-        if not triton_kernel.INTERPRETED:
-            raise ValueError(f"ROTARY_KERNEL=triton on a {x.device.type} tensor needs Triton's interpreter: set "
-                             "TRITON_INTERPRET=1 before rotary's kernel is first used")
-    return "triton"
-
-
-# ``"ROTARY_KERNEL" in os.environ`` costs about 2 µs (a KeyError inside os.environ); its backing dict answers the
-# same question in 0.1 µs and follows setenv/monkeypatch all the same. Fallback: the public mapping.
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey("ROTARY_KERNEL") if _ENV_DATA is not None and hasattr(os.environ, "encodekey") \
-    else None
-
-
-def _switch_set() -> bool:
-    if _ENV_KEY is not None:
-        return _ENV_KEY in _ENV_DATA
-    return "ROTARY_KERNEL" in os.environ
-
-
-def wants_triton(x: Tensor) -> bool:
-    """:func:`choose` is ``"triton"``, with the common CPU case (no ``ROTARY_KERNEL`` set) answered in one lookup:
-    the no-grad decode path costs microseconds, and this runs before it."""
-    if x.is_cpu and not _switch_set():  # is_cpu: no torch.device object built per call
-        return False
-    return choose(x) == "triton"
+__all__ = ["apply_rotary", "rope", "rope_at", "rope_qkv", "varlen_positions"]
 
 
 def varlen_positions(cu_seqlens: Tensor, total: int, offsets: int | Tensor = 0) -> Tensor:
@@ -112,7 +47,7 @@ def varlen_positions(cu_seqlens: Tensor, total: int, offsets: int | Tensor = 0) 
             raise ValueError(f"offsets must be an int or a ({len(lengths)},) integer tensor, got "
                              f"{_describe(offsets)}")
         return pos + offsets.to(cu.device).long()[seq]
-    _check_offset(offsets)
+    check_offset(offsets)
     return pos + offsets
 
 
@@ -149,27 +84,26 @@ def _trig(cos: Tensor, sin: Tensor, B: int, T: int, H: int, D: int) -> tuple[Ten
 
 
 def _table_positions(B: int, T: int, rows: int, offset, positions, device):
-    """(positions (B|1, T) | None, offsets (B,) | None, offset int): where the T rows read the table; range-checked
-    (one host synchronisation for tensors: a bad index would be an illegal memory access in the kernel)."""
+    """(positions (B|1, T) | None, offsets (B,) | None, offset int): the table rows of the T keys, range-checked
+    (:func:`rotary.core.positions.index_range`: a bad index would be an illegal memory access in the kernel)."""
     if positions is not None:
         if not isinstance(positions, Tensor) or positions.dtype not in _INDEX or positions.shape not in ((T,), (B, T)):
             raise ValueError(f"positions must be a ({T},) or ({B}, {T}) integer tensor to index the cos/sin table, "
                              f"got {_describe(positions)}")
-        index, out = positions.to(device).view(-1, T), (positions.to(device).view(-1, T), None, 0)
+        pos = positions.to(device).view(-1, T)
+        span, out = index_range(pos) if T > 0 else None, (pos, None, 0)
     elif isinstance(offset, Tensor):
-        if offset.dim() > 1 or (offset.dim() == 1 and offset.shape[0] != B) or offset.dtype not in _INDEX:
-            raise ValueError(f"a tensor offset must be a () or ({B},) integer tensor, got {_describe(offset)}")
+        check_offset(offset, B)
         offsets = offset.to(device).expand(B).contiguous()
-        index, out = offsets.view(B, 1) + torch.tensor([0, max(T - 1, 0)], device=device), (None, offsets, 0)
+        span = index_range(offsets) if T > 0 else None
+        span, out = None if span is None else (span[0], span[1] + T - 1), (None, offsets, 0)
     else:
-        _check_offset(offset)
+        check_offset(offset)
         if offset + T > rows:
             raise ValueError(f"positions {offset}..{offset + T - 1} lie past the cos/sin table ({rows} rows)")
         return None, None, offset
-    if index.numel() and T > 0:
-        lo, hi = (int(v) for v in torch.aminmax(index))
-        if lo < 0 or hi >= rows:
-            raise ValueError(f"positions {lo}..{hi} lie outside the cos/sin table ({rows} rows)")
+    if span is not None and (span[0] < 0 or span[1] >= rows):
+        raise ValueError(f"positions {span[0]}..{span[1]} lie outside the cos/sin table ({rows} rows)")
     return out
 
 
@@ -222,41 +156,52 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, *, k: Tensor | None = None, interl
     if not table and (positions is not None or isinstance(offset, Tensor) or offset != 0):
         raise ValueError("offset/positions index a cos/sin table (rows, r/2); per-token cos/sin take neither")
     if not isinstance(offset, Tensor):
-        _check_offset(offset)
+        check_offset(offset)
     device = xq.device
     cos, sin = cos.to(device), sin.to(device)
-    key_offset = offset
-    if table and positions is None:
-        key_offset = offset - (Tk - T)  # the keys start Tk - T rows before the first query
-        if not isinstance(offset, Tensor) and key_offset < 0:
-            raise ValueError(f"offset {offset} leaves {Tk - T} earlier keys before position 0")
     pos, offs, off = (None, None, 0)
     if table:
+        key_offset = offset  # offset is the first query's position; positions are the keys'
+        if positions is None and Tk > T:
+            key_offset = offset - (Tk - T)  # the keys start Tk - T rows before the first query
+            if not isinstance(offset, Tensor) and key_offset < 0:
+                raise ValueError(f"offset {offset} leaves {Tk - T} earlier keys before position 0")
         pos, offs, off = _table_positions(B, Tk, cos.shape[0], key_offset, positions, device)
     givens = _givens(givens, D, device)
     grads_need_input = (givens is not None and givens[0].requires_grad) or cos.requires_grad or sin.requires_grad
     if inplace and torch.is_grad_enabled() and grads_need_input:
         raise ValueError("inplace=True overwrites x, which the gradients of the Givens angles and of cos/sin need")
-    if choose(xq) == "torch":
-        yq, yk = _torch_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, inplace)
-    elif kk is not None and kk.dtype != xq.dtype:  # one launch reads one dtype: the keys, then the queries
-        _, yk = _triton_path(None, kk, cos, sin, table, pos, offs, off, givens, interleaved, inplace)
-        shift = Tk - T
-        if table:
-            pos = None if pos is None else pos[:, shift:]
-            offs, off = (None, off + shift) if offs is None else (offs + shift, off)
-        else:
-            cos, sin = cos[:, shift:], sin[:, shift:]
-        _, yq = _triton_path(None, xq, cos, sin, table, pos, offs, off, givens, interleaved, inplace)
-    else:
-        yq, yk = _triton_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, inplace)
+    yq, yk = rope_at(xq, kk, cos, sin, table=table, positions=pos, offsets=offs, offset=off, givens=givens,
+                     interleaved=interleaved, inplace=inplace, kernel=choose(xq))
     if layout == "BHTD":
         yq, yk = yq.transpose(1, 2), (None if yk is None else yk.transpose(1, 2))
     return yq if k is None else (yq, yk)
 
 
+def rope_at(xq: Tensor, kk: Tensor | None, cos: Tensor, sin: Tensor, *, table: bool, positions: Tensor | None,
+            offsets: Tensor | None, offset: int, givens, interleaved: bool, inplace: bool = False,
+            kernel: str) -> tuple[Tensor, Tensor | None]:
+    """``(R G xq, R G kk)`` on ``kernel`` (:func:`choose`'s), everything validated: xq ``(B, T, H, D)`` and kk
+    ``(B, Tk, Hk, D)`` or None (views of any strides); a table read at the key rows ``positions`` ``(B|1, Tk)``,
+    or ``offset + offsets[b] + arange(Tk)`` (offsets ``(B,)`` or None), range-checked; or per-token cos/sin
+    ``(B|1, Tk, H|1, r/2)``. The queries are the last T key rows."""
+    if kernel != "triton":
+        return _torch_path(xq, kk, cos, sin, table, positions, offsets, offset, givens, interleaved, inplace)
+    if kk is not None and kk.dtype != xq.dtype:  # one launch reads one dtype: the keys, then the queries
+        _, yk = _triton_path(None, kk, cos, sin, table, positions, offsets, offset, givens, interleaved, inplace)
+        shift = kk.shape[1] - xq.shape[1]
+        if table:
+            positions = None if positions is None else positions[:, shift:]
+            offset += shift
+        else:
+            cos, sin = cos[:, shift:], sin[:, shift:]
+        _, yq = _triton_path(None, xq, cos, sin, table, positions, offsets, offset, givens, interleaved, inplace)
+        return yq, yk
+    return _triton_path(xq, kk, cos, sin, table, positions, offsets, offset, givens, interleaved, inplace)
+
+
 def _triton_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, inplace):
-    """Through the registered ops (:mod:`rotary.core.triton_ops`); xq None: k alone, returned second."""
+    """Through the registered ops (:mod:`rotary.core.kernels.triton_ops`); xq None: k alone, returned second."""
     from .triton_ops import rope_forward, rope_inplace
 
     if table:
@@ -267,24 +212,8 @@ def _triton_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, i
     return (None, y) if xq is None else (y, yk)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool, givens=None, out_dtype=None) -> Tensor:
-    """:func:`rotary.core.functional.rotate` through the Triton kernel, for a 4-D x: cos/sin broadcastable to
-    ``x[..., :r/2]`` (e.g. ``(T, 1, r/2)`` against ``(B, T, H, D)``, ``(B, 1, T, r/2)`` against ``(B, H, T, D)``,
-    per head ``(B, T, H, r/2)``), already validated by the caller; their gradients flow."""
-    lead = (1,) * (4 - cos.dim())
-    c4, s4 = cos.view(lead + tuple(cos.shape)), sin.view(lead + tuple(sin.shape))
-    swap = c4.shape[1] == 1 and c4.shape[2] > 1  # time on axis 2: the kernel wants its rows on axis 1
-    xv = x.transpose(1, 2) if swap else x
-    if swap:
-        c4, s4 = c4.transpose(1, 2), s4.transpose(1, 2)
-    from .triton_ops import rope_forward
-
-    y, _ = rope_forward(xv, None, c4, s4, None, None, givens, 0, False, interleaved, out_dtype or x.dtype)
-    return y.transpose(1, 2) if swap else y
-
-
 def _torch_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, inplace):
-    """The same call on :func:`rotary.core.functional.rotate`: cos/sin gathered first, then rotated."""
+    """The same call on the torch kernel: cos/sin gathered first, then rotated."""
     T, Tk = xq.shape[1], (xq.shape[1] if kk is None else kk.shape[1])
     if table:
         if pos is None:
@@ -296,7 +225,7 @@ def _torch_path(xq, kk, cos, sin, table, pos, offs, off, givens, interleaved, in
         if t is None:
             out.append(None)
             continue
-        y = torch_rotate(t, c, s, interleaved=interleaved, givens=givens)
+        y = rotate_torch(t, c, s, interleaved=interleaved, givens=givens)
         out.append(t.copy_(y) if inplace else y)
     return out[0], out[1]
 
@@ -337,3 +266,10 @@ def rope_qkv(qkv: Tensor, cos: Tensor, sin: Tensor, *, heads_q: int | None = Non
     if inplace:
         return qkv
     return torch.stack((yq, yk, v), dim=2) if qkv.dim() == 5 else torch.cat((yq, yk, v), dim=2)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = True) -> Tensor:
+    """0.1's name for :func:`rope` in flash-attn's layout: ``rope(x, cos, sin, layout="BTHD",
+    interleaved=interleaved)``. x ``(B, T, H, D)``; cos/sin ``(T, r/2)`` (a table read from row 0) or
+    ``(B, T, r/2)``; channels ``r:`` pass through bit-exact."""
+    return rope(x, cos, sin, layout="BTHD", interleaved=interleaved)

@@ -2,15 +2,15 @@
 the kernel.
 
 ``rotary::rope_fwd`` and ``rotary::rope_bwd`` are ``torch.library.triton_op``s: their bodies allocate with torch
-ops and launch through ``torch.library.wrap_triton`` (:mod:`rotary.core.triton_launch`), so under
+ops and launch through ``torch.library.wrap_triton`` (:mod:`rotary.core.kernels.triton_launch`), so under
 ``torch.compile`` they decompose into those ops and a ``triton_kernel_wrapper_functional`` node Inductor can
 schedule (a ``custom_op`` would stay opaque); eager calls launch directly. (wrap_triton outside a triton_op is
 what broke compile in flash-attn#1680.) Their fake implementations (below) replace the bodies triton_op would
 trace for shapes: shapes only, no kernel analysis. This module is imported only when a Triton launch is wanted
-(:mod:`rotary.core.kernel`).
+(:mod:`rotary.core.kernels.dispatch`).
 
-Tensors are already in the kernel's orientation ``(A, T, H, D)`` (see :mod:`rotary.core.triton_kernel`) and
-validated by :mod:`rotary.core.kernel`. Outputs a call does not have (no keys, no Givens gradient) are empty
+Tensors are already in the kernel's orientation ``(A, T, H, D)`` (see :mod:`rotary.core.kernels.triton_kernel`) and
+validated by :mod:`rotary.core.kernels.apply`. Outputs a call does not have (no keys, no Givens gradient) are empty
 tensors: custom ops return tensors, not None.
 
 cos/sin gradients (learned frequencies, learned N-D directions, a learned table): the kernel writes per-channel
