@@ -119,3 +119,21 @@ def _names() -> list[tuple[str, str]]:
 def test_every_named_rotary_object_exists():
     missing = [f"{where}: {name}" for where, name in _names() if _resolves(name) is False]
     assert not missing, "names that do not resolve (moved? renamed?):\n" + "\n".join(missing)
+
+
+# a block of docs/*.md that is `rotary bench --from PATH [SUITE ...]`'s output, verbatim
+_GENERATED = re.compile(r"<!-- rotary bench --from (\S+)((?: [\w-]+)*) -->\n```\n(.*?)\n```\n<!-- end -->", re.S)
+
+
+def test_generated_bench_blocks_are_their_json():
+    """Figures copied from a run drift from it; these blocks are re-rendered from the saved run and compared."""
+    import json
+
+    from rotary.lab.bench.report import rendered
+
+    blocks = [(page, m) for page in PAGES for m in _GENERATED.finditer(page.read_text())]
+    assert len(blocks) >= 2, "docs/speed.md holds the decode and train tables as generated blocks"
+    for page, m in blocks:
+        doc = json.loads((page.parent / m.group(1)).read_text())
+        suites = m.group(2).split() or None
+        assert m.group(3) == rendered(doc, suites), f"{page.name}: rerun `rotary bench --from {m.group(1)}`"

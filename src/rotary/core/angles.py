@@ -115,7 +115,10 @@ class Angles(nn.Module):
             # Complex cos + i sin for the no-grad path. A plain attribute, not a buffer: a module cast
             # (``.to(bfloat16)``) would drop the imaginary part of a complex buffer before _apply rebuilds it.
             self.cis_table = torch.complex(self.cos_table, self.sin_table)
-            self.cis_rows = self.cis_table.unsqueeze(-2)  # (rows, 1, r/2): rows against (B, T, H, D), no view a step
+            # Views the decode steps read, so that none is made per step: a slice of (rows, 1, r/2) broadcasts
+            # against (B, T, H, r/2); a gather of (rows, 1, 1, r/2) by a (B,) start against one token in either layout
+            self.cis_rows = self.cis_table.unsqueeze(-2)
+            self.cis_batch_rows = self.cis_rows.unsqueeze(-2)
 
     def _apply(self, fn, recurse=True):
         # Casts (module.half(), .to(bfloat16)) would round the table; to_empty() would leave garbage in it.

@@ -163,8 +163,7 @@ def _check_start(offset, T, shift) -> None:
     """The keys start ``shift`` before the first query, at a position >= 0. Symbolic sizes (torch.export): a runtime
     assertion of the graph, where a comparison would pin them."""
     if type(offset) is int and type(shift) is int:
-        if offset < 0:
-            raise ValueError(f"offset must be a non-negative int or an integer tensor, got {offset!r}")
+        check_offset(offset)
         if offset < shift:
             raise ValueError(_start_text(offset, T, shift))
     else:

@@ -37,6 +37,10 @@ def _bench(args: argparse.Namespace) -> int:
     from rotary.lab.bench import report, suites
     from rotary.lab.bench.contenders import CONTENDERS
 
+    if args.source:
+        with open(args.source) as f:
+            print(report.rendered(json.load(f), args.suites or None))
+        return 0
     try:
         names = suites.expand(args.suites)
     except KeyError as e:
@@ -270,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("suites", nargs="*", metavar="SUITE", help=f"one or more of: all {' '.join(SUITES)}")
     bench.add_argument("--quick", action="store_true", help=f"smoke run: tiny shapes, few repeats ({BENCH_QUICK})")
     bench.add_argument("--json", metavar="PATH", help="write every row and the environment as JSON")
+    bench.add_argument("--from", dest="source", metavar="PATH",
+                       help="print a saved --json run (its SUITEs only, if given) instead of running; docs/speed.md's "
+                            "tables are this output")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart of the kernels suite (needs matplotlib)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; CPU-only suites "
                        "run on the CPU)")

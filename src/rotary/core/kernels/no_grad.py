@@ -23,11 +23,17 @@ from .torch_kernel import rope_into
 
 __all__ = ["rotate_no_grad"]
 
-def _gathered_rows(table: Tensor, start, B: int, T: int, time_dim: int) -> Tensor | None:
+def _gathered_rows(angles, start, B: int, T: int, time_dim: int) -> Tensor | None:
     """Rows ``start[b] + arange(T)`` of the complex table for an integer start ``(B,)`` or ``()`` (checked by
     :func:`rotary.core.positions.resolve`), shaped to broadcast against x; None if it cannot serve."""
+    table = angles.cis_table
     if start.dim() == 0:
         start = start.expand(B)
+    if T == 1 and table.is_cpu:  # one token: (B, 1, 1, r/2) straight from the gather, in either layout
+        try:
+            return angles.cis_batch_rows.index_select(0, start)
+        except (IndexError, RuntimeError):
+            return None
     index = start if T == 1 else (start.view(B, 1) + torch.arange(T, device=start.device)).view(-1)
     if table.is_cpu:
         try:  # index_select checks the range itself on CPU: no host synchronisation needed
@@ -62,7 +68,7 @@ def rotate_no_grad(rotary, x4: Tensor, time_dim: int, start, mix: bool) -> Tenso
         # (T, 1, r/2) against (B, T, H, D); (T, r/2) against (B, H, T, D)
         cis = (angles.cis_rows if time_dim == 1 else angles.cis_table)[start : start + T]
     else:
-        cis = _gathered_rows(angles.cis_table, start, shape[0], T, time_dim)
+        cis = _gathered_rows(angles, start, shape[0], T, time_dim)
         if cis is None:
             return None
     xf = x4 if x4.dtype == torch.float32 else x4.float()

@@ -1,5 +1,6 @@
 """The one printer of benchmark rows: a Markdown table per (suite, section), readable in a terminal and pasteable
-into docs/speed.md as it is. Returns text; the CLI prints it."""
+into docs/speed.md as it is; :func:`rendered` prints a saved ``--json`` run the same way (``rotary bench --from``),
+which is how docs/speed.md's generated blocks are written and checked. Returns text; the CLI prints it."""
 
 from __future__ import annotations
 
@@ -80,3 +81,20 @@ def verdicts(rows: list[Row]) -> str:
     lines += [f"  missed: {r.suite}: {r.section}: {r.name} {number(r.value, r.unit)} (target {r.target})"
               for r in judged if not r.ok]
     return "\n".join(lines)
+
+
+def rows_of(doc: dict) -> list[Row]:
+    """The rows of a ``rotary bench --json`` document."""
+    return [Row(**r) for r in doc["rows"]]
+
+
+def rendered(doc: dict, suites: list[str] | None = None) -> str:
+    """A saved run as ``rotary bench`` printed it: the environment line, the tables of ``suites`` (all: None) and
+    the verdicts. docs/speed.md holds these verbatim between ``<!-- rotary bench --from PATH ... -->`` and
+    ``<!-- end -->`` (tests/test_docs.py checks them against the JSON)."""
+    rows = [r for r in rows_of(doc) if suites is None or r.suite in suites]
+    env = ", ".join(f"{k} {v}" for k, v in doc["environment"].items() if v is not None and k != "suite_seconds")
+    parts = [f"`{doc['command']}`: {env}", "", table(rows).rstrip()]
+    summary = verdicts(rows)
+    return "\n".join(parts + (["", summary] if summary else []))
+
