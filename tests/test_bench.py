@@ -146,6 +146,15 @@ def test_cli_json_holds_every_row_and_the_environment(tmp_path, monkeypatch, cap
     assert {"suite", "section", "unit", "spread", "device", "extra", "info", "error"} <= set(ratio)
     out = capsys.readouterr().out
     assert "**fake: s**" in out and "targets: 1 of 1 met" in out
+    # --from prints the saved run's tables as the run printed them, without running anything
+    monkeypatch.setitem(suites.SUITES, "fake", suites.Suite(lambda **kw: pytest.fail("ran"), "a test suite"))
+    assert main(["bench", "--from", str(path)]) == 0
+    again = capsys.readouterr().out
+    assert again.startswith(f"`rotary bench fake --device cpu --json {path}`: date ")
+    tables = out[out.index("**fake: s**"):out.index("targets:")]
+    assert tables.strip() in again and "targets: 1 of 1 met" in again
+    assert main(["bench", "--from", str(path), "kernels"]) == 0  # only the suites named: none of these rows
+    assert "**fake: s**" not in capsys.readouterr().out
 
 
 def test_cli_rejects_unknown_suite_and_contender(capsys):
