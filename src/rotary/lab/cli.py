@@ -345,7 +345,45 @@ def build_parser() -> argparse.ArgumentParser:
     sup.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for tiny models)")
     sup.add_argument("--seed", type=int, default=0, help="seed of the weights, tokens and random P")
     sup.set_defaults(func=_support)
+    hfx = sub.add_parser(
+        "hf-extend", help="extend a Hugging Face Llama's context by training only its rotary frequencies (Trainer, "
+        "fold, stock from_pretrained), against zero-shot YaRN",
+        description="Pretrain a small byte-level LlamaForCausalLM at L on the text corpus, train only the learned "
+        "frequencies at 4L with transformers' Trainer (every pair, and only the pairs whose wavelength is at "
+        "least L), fold them to a stock longrope config, reload with a plain from_pretrained, and write the loss "
+        "at 1-16 x L against zero-shot YaRN (docs/hf.md; about 5 CPU-minutes).")
+    hfx.add_argument("--out", required=True, help="folder for results.json, table.md and models/")
+    hfx.add_argument("--quick", action="store_true", help="a smoke run at tiny sizes (its numbers mean nothing)")
+    hfx.add_argument("--seed", type=int, default=0, help="seed of the weights, the windows and Trainer")
+    hfx.add_argument("--steps", type=int, default=None, help="rotary training steps")
+    hfx.add_argument("--lr", type=float, default=None, help="peak learning rate of the log frequency scales")
+    hfx.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps at L")
+    hfx.set_defaults(func=_hf_extend)
     return parser
+
+
+def _hf_extend(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from rotary.lab.experiments import hf_extend
+
+    cfg = replace(hf_extend.QUICK if args.quick else hf_extend.HFExtendConfig(), seed=args.seed)
+    changed = {"steps": args.steps, "lr": args.lr, "pretrain_steps": args.pretrain_steps}
+    cfg = replace(cfg, **{k: v for k, v in changed.items() if v is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results = hf_extend.run(cfg, Path(args.out))
+    print(hf_extend.table(results))
+    print("\nmax |logit| difference per length, stock-reloaded vs installed (cos/sin, folded vs installed):")
+    for name, row in results["rows"].items():
+        if "max_logit_diff" in row:
+            print(f"  {name}: " + ", ".join(f"{n} {d:.1e}" for n, d in row["max_logit_diff"].items())
+                  + f" ({row['max_cos_sin_diff']:.1e})")
+    print("  stock vs installed untrained (float32 against float64 angles): "
+          + ", ".join(f"{n} {d:.1e}" for n, d in results["angle_rounding"].items())
+          + f" ({results['angle_rounding_cos_sin']:.1e})")
+    print(f"{results['seconds']:.0f} s, torch {results['torch']}, {results['threads']} threads")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
