@@ -8,8 +8,8 @@ from conftest import ulp
 
 import rotary
 from rotary import apply_rotary, apply_rotary_reference
-from rotary.core.kernels import choose
 from rotary.core.frequencies import inverse_frequencies, rotary_angles
+from rotary.core.kernels import choose
 
 
 def _cos_sin(T, half, batch=None, offset=0):
