@@ -264,3 +264,46 @@ def test_errors():
     with pytest.raises(ValueError, match="ctx"):
         _model("learned")(tokens, cache=KVCache(offset=60))
     _model("attention")(tokens, cache=KVCache(offset=1000))  # rotary modes have no table to run out of
+
+
+@pytest.mark.parametrize("positional", MODES)
+def test_positions_arange_equals_default_and_rows_equal_their_offsets(positional):
+    """positions=arange (as (T,) or (B, T)) is the default path bit for bit; per-row positions o_b + arange give
+    each row what a forward starting at o_b (a cache's offset) gives."""
+    model = _model(positional, xa=True)
+    tokens, feats = _inputs(xa=True)
+    B, T = tokens.shape
+    with torch.no_grad():
+        default = model(tokens, feats)
+        assert torch.equal(model(tokens, feats, positions=torch.arange(T)), default)
+        assert torch.equal(model(tokens, feats, positions=torch.arange(T).expand(B, T)), default)
+        offsets = [0, 5, 17]
+        rows = model(tokens, feats, positions=torch.tensor(offsets)[:, None] + torch.arange(T))
+        for b, o in enumerate(offsets):
+            alone = model(tokens[b : b + 1], feats[b : b + 1], cache=KVCache(offset=o))
+            torch.testing.assert_close(rows[b : b + 1], alone, rtol=0, atol=1e-5)
+
+
+def test_positions_with_learned_frequencies_follow_each_row():
+    """Learned frequencies take the direct path (no table): skipped positions must still equal the offsets."""
+    model = _model("attention", mixing=None, learned_freq=True)
+    tokens, _ = _inputs()
+    offsets = [0, 7, 100]
+    with torch.no_grad():
+        rows = model(tokens, positions=torch.tensor(offsets)[:, None] + torch.arange(13))
+        for b, o in enumerate(offsets):
+            torch.testing.assert_close(rows[b : b + 1], model(tokens[b : b + 1], cache=KVCache(offset=o)),
+                                       rtol=0, atol=1e-5)
+
+
+def test_positions_errors():
+    tokens, _ = _inputs()
+    model = _model("attention")
+    with pytest.raises(ValueError, match="cache"):
+        model(tokens, cache=KVCache(), positions=torch.arange(13))
+    with pytest.raises(ValueError, match=r"\(T,\) or \(B, T\)"):
+        model(tokens, positions=torch.arange(12))
+    with pytest.raises(ValueError, match="integer"):
+        model(tokens, positions=torch.arange(13.0))
+    with pytest.raises(ValueError, match="ctx"):
+        _model("learned")(tokens, positions=torch.arange(13) + 60)

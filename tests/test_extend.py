@@ -24,9 +24,11 @@ from rotary.lab.experiments.extend_variants import VARIANTS, build_variant
 from rotary.lab.experiments.train import TrainConfig
 
 TINY_1D = TrainConfig(steps=2, batch=2, length=8, dims=16, heads=2, layers=1)  # unused: extend only
+# every variant, so that each runs end to end; L = 8 leaves the retrieval probe (17 tokens and more) to 4x L on
 TINY = ExtendConfig(length=8, seeds=2, dims=16, heads=2, layers=1, pretrain_steps=6, pretrain_batch=4,
-                    pretrain_warmup=2, steps=8, batch=2, warmup=2, eval_batches=1, eval_batch=8, eval_every=4,
-                    checkpoint_every=3)
+                    pretrain_warmup=2, steps=8, batch=4, warmup=2, eval_batches=1, eval_batch=8, retrieval=4,
+                    eval_every=4, checkpoint_every=3, variants=tuple(VARIANTS))
+LENGTHS = {"1x", "2x", "4x", "8x", "16x"}  # 1x .. 4 factor x L
 
 
 def _compare(out, cfg=TINY, **kwargs):
@@ -48,11 +50,16 @@ def test_tiny_run_writes_report_results_and_plot(tmp_path):
     runs = _runs(tmp_path)
     assert sorted((r["variant"], r["seed"]) for r in runs) == sorted((v, s) for v in VARIANTS for s in range(2))
     for r in runs:
-        assert set(r["loss"]) == {"1x", "4x", "8x"} and all(math.isfinite(x) for x in r["loss"].values())
+        assert set(r["loss"]) == set(r["retrieval"]) == LENGTHS and all(math.isfinite(x) for x in r["loss"].values())
+        assert [k for k, v in r["retrieval"].items() if v is None] == ["1x", "2x"]  # 8 and 16 tokens: too short
+        assert all(0 <= v <= 1 for v in r["retrieval"].values() if v is not None)
+        assert list(r["buckets"]) == ["0x-1x", "1x-2x", "2x-4x", "4x-8x", "8x-16x"]
         assert r["steps"] == (TINY.steps if VARIANTS[r["variant"]].trains else 0)
+        assert (r["rope_parameters"] is not None) == VARIANTS[r["variant"]].exportable
     report = (tmp_path / "report.md").read_text()
     assert "### extend" in report and "![extend](extend.png)" in report
-    assert all(f"| {v} |" in report for v in VARIANTS) and "Per trained parameter" in report
+    assert all(f"| {v} |" in report for v in VARIANTS) and "Per trained number" in report
+    assert "Retrieval probe" in report and "Loss by position" in report and "The goal" in report
     assert len(list((tmp_path / "pretrained").glob("*.pt"))) == 2  # cached, one per seed
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
     with pytest.raises(CompareError, match="--resume"):
@@ -70,7 +77,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
     while _compare(out, cfg, resume=True, interrupt_after=7) is None:
         calls += 1
         assert len(list((out / "checkpoints").glob("*.pt"))) == 1
-    assert calls == sum(bool(v.trains) for v in VARIANTS.values())
+    # the search takes no optimizer steps and is not interrupted: it reruns from the start if killed
+    assert calls == sum(bool(v.trains) and not v.search for v in VARIANTS.values())
     assert _runs(out) == _runs(tmp_path / "straight")
     with pytest.raises(CompareError, match="other settings.*extend"):
         _compare(out, ExtendConfig(**{**cfg.__dict__, "steps": 9}), resume=True)
@@ -98,10 +106,19 @@ def pretrained(tmp_path_factory):
     return task, out, pretrain(task, 0, TINY, out, data=None, settings={})
 
 
+def _long_pairs() -> list[bool]:
+    """Per pair, whether its wavelength 2 pi / base^(-2i/D) is at least L (those freq-low trains)."""
+    D = TINY.dims // TINY.heads
+    return [2 * math.pi * 10000 ** (2 * i / D) >= TINY.length for i in range(D // 2)]
+
+
 def _expected_count(name: str, model) -> int:
-    """Trained parameters of each variant, from the model's sizes (not from what build_variant returns)."""
+    """Trained numbers of each variant, from the model's sizes (not from what build_variant returns)."""
     C, L, D, r = TINY.dims, TINY.layers, TINY.dims // TINY.heads, TINY.lora_rank
-    rotary = {"freq": D // 2, "mixer": D // 2}  # a log scale per pair; a Givens angle per plane (D / 2 planes)
+    # a log scale per pair; only the long-wavelength ones; YaRN's ramp (factor, start, width); a scale per pair
+    # and layer; a Givens angle per plane (D / 2 planes)
+    rotary = {"freq": D // 2, "freq-low": sum(_long_pairs()), "freq-ramp": 3, "freq-layer": L * D // 2,
+              "mixer": D // 2}
     per_part = {**rotary, "ln-gains": (2 * L + 1) * C, "qk-bias": L * 2 * C, "lora": L * 2 * r * (C + C),
                 "wqk": L * (2 * C * C + C), "all": sum(p.numel() for p in model.parameters())}
     return sum(per_part[p] for p in VARIANTS[name].trains)
@@ -112,7 +129,11 @@ def _expected_names(name: str, model) -> set[str]:
     names = set()
     attns = [f"blocks.{i}.attn" for i in range(len(model.blocks))]
     for part in VARIANTS[name].trains:
-        names |= {"freq": {"rotary.angles.log_freq_scale"}, "mixer": {"rotary.mixer.angles"},
+        ramp = "rotary.angles.parametrizations.log_freq_scale.0."
+        names |= {"freq": {"rotary.angles.log_freq_scale"}, "freq-low": {"rotary.angles.log_freq_scale"},
+                  "freq-ramp": {ramp + n for n in ("log_factor", "start", "log_width")},
+                  "freq-layer": {f"{a}.layer_rotary.angles.log_freq_scale" for a in attns},
+                  "mixer": {"rotary.mixer.angles"},
                   "ln-gains": {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)},
                   "qk-bias": {n for a in attns for n in (f"{a}.query.bias", f"{a}.key.new_bias")},
                   "lora": {f"{a}.{lin}.lora_{ab}" for a in attns for lin in ("query", "key") for ab in "ab"},
@@ -134,11 +155,19 @@ def test_each_variant_trains_exactly_what_it_says(pretrained, tmp_path, variant)
     expected = _expected_names(variant, model)
     changed = set()
     for n, p in seen["m"].named_parameters():
-        old = before.get(n.replace(".base.", "."))  # an adapted layer keeps the original under .base
+        # an adapted layer keeps the original under .base; a parametrized one under .parametrizations.<n>.original
+        old = before.get(n.replace(".base.", ".").replace("parametrizations.log_freq_scale.original",
+                                                          "log_freq_scale"))
         if old is None or not torch.equal(p, old):
             changed.add(n)
-    assert changed <= expected and sum(p.numel() for n, p in seen["m"].named_parameters() if n in changed) == \
-        result["params"]
+    assert changed <= expected
+    if VARIANTS[variant].search:  # the search may keep a start (plain RoPE) that changes nothing
+        assert result["params"] == _expected_count(variant, model)
+    elif variant.startswith("freq-low"):  # the short-wavelength pairs stay exactly as pretrained, the others move
+        moved = seen["m"].rotary.angles.log_freq_scale != 0
+        assert moved.tolist() == _long_pairs() and result["params"] == int(moved.sum())
+    else:
+        assert sum(p.numel() for n, p in seen["m"].named_parameters() if n in changed) == result["params"]
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the pretrained model untouched
 
 
@@ -185,13 +214,14 @@ def test_bad_input_is_a_one_line_error_naming_the_numbers(tmp_path, capsys):
         return err
 
     err = error("--extend-length", "1024")
-    assert "L = 1024 at factor 4" in err and "8 x L = 8,192 tokens" in err and "4,096" in err
-    assert "72 x L = 4,608" in error("--extend-length", "64", "--extend-factor", "36")
+    assert "L = 1024 at factor 4" in err and "16 x L = 16,384 tokens" in err and "4,096" in err
+    assert "144 x L = 9,216" in error("--extend-length", "64", "--extend-factor", "36")
+    assert "unknown variant(s) nope" in error("--extend-variants", "plain,nope")
     assert "factor 1 extends nothing" in error("--extend-factor", "1")
     text = tmp_path / "short.txt"
     text.write_bytes(b"abcdefghij" * 2_000)  # 20,000 bytes: the validation split holds the last 2,000
-    err = error("--data", str(text), "--extend-length", "256")
-    assert "validation split" in err and "2,000 bytes" in err and "windows of 2,049" in err and "L = 256" in err
+    err = error("--data", str(text), "--extend-length", "128")
+    assert "validation split" in err and "2,000 bytes" in err and "windows of 2,049" in err and "L = 128" in err
     assert not (tmp_path / "x").exists()  # refused before anything is written
     assert "extend" not in DEFAULT_TASKS
 
@@ -199,7 +229,8 @@ def test_bad_input_is_a_one_line_error_naming_the_numbers(tmp_path, capsys):
 def _cli(out, *extra):
     """A real ``rotary compare --quick --tasks extend`` process, single-threaded."""
     cmd = [sys.executable, "-m", "rotary", "compare", "--quick", "--tasks", "extend", "--extend-steps", "20",
-           "--device", "cpu", "--out", str(out), *extra]
+           "--extend-variants", "plain,search", "--extend-variants", "freq-mix-pose", "--device", "cpu",
+           "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

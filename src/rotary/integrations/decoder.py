@@ -206,13 +206,14 @@ class SelfAttention(nn.Module):
         x: Tensor,
         *,
         offset: int,
+        positions: Tensor | None = None,
         rotary: Rotary | None = None,
         mixing: Callable[[Tensor], Tensor] | None = None,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
-        """x ``(B, T, C)`` at positions ``offset ..``; mixing: P per head on weight rows
-        (:func:`rotary.integrations.install.heads_mixer`), applied to the q/k weights, or None."""
+        """x ``(B, T, C)`` at positions ``offset ..`` (or ``positions``, ``(T,)`` or ``(B, T)``); mixing: P per head
+        on weight rows (:func:`rotary.integrations.install.heads_mixer`), applied to the q/k weights, or None."""
         B, T, _ = x.shape
         if mixing is None:
             q, k = self.query(x), self.key(x)
@@ -224,8 +225,8 @@ class SelfAttention(nn.Module):
         k = k.view(B, T, self.heads, self.head_dim)
         v = self.value(x).view(B, T, self.heads, self.head_dim)
         if rotary is not None:  # P, if any, is already in the weights
-            q = rotary.rope(q, offset=offset, layout="BTHD")
-            k = rotary.rope(k, offset=offset, layout="BTHD")
+            q = rotary.rope(q, offset=offset, positions=positions, layout="BTHD")
+            k = rotary.rope(k, offset=offset, positions=positions, layout="BTHD")
         if cache is not None:
             if layer < len(cache.keys):
                 k = torch.cat([cache.keys[layer], k], dim=1)  # (B, S, H, D)
@@ -279,12 +280,14 @@ class Block(nn.Module):
         xa: Tensor | None,
         *,
         offset: int,
+        positions: Tensor | None = None,
         rotary: Rotary | None,
         mixing: Callable[[Tensor], Tensor] | None,
         cache: KVCache | None,
         layer: int,
     ) -> Tensor:
-        x = x + self.attn(self.attn_ln(x), offset=offset, rotary=rotary, mixing=mixing, cache=cache, layer=layer)
+        x = x + self.attn(self.attn_ln(x), offset=offset, positions=positions, rotary=rotary, mixing=mixing,
+                          cache=cache, layer=layer)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_attn_ln(x), xa, cache=cache, layer=layer)
         return x + self.mlp(self.mlp_ln(x))
@@ -323,13 +326,17 @@ class Decoder(nn.Module):
         if isinstance(self.positional_embedding, nn.Parameter):
             nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens: Tensor, xa: Tensor | None = None, *, cache: KVCache | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, xa: Tensor | None = None, *, cache: KVCache | None = None,
+                positions: Tensor | None = None) -> Tensor:
         """Logits ``(B, T, V)`` float32 for ``tokens`` ``(B, T)`` at positions ``offset .. offset + T - 1``.
 
         Args:
             tokens: ``(B, T)`` long.
             xa: ``(B, A, xa_dims)`` features to cross-attend to; required iff ``config.xa_dims`` is set.
             cache: a :class:`KVCache`, extended in place; the new tokens start at ``cache.offset``.
+            positions: ``(T,)`` or ``(B, T)`` integer positions of the tokens instead of ``0 .. T - 1`` (e.g.
+                PoSE's skipped positions: a short window that carries long-range positions). Attention stays
+                causal in token order. Not with a cache, whose positions are its own.
         """
         c = self.config
         if tokens.dim() != 2:
@@ -340,18 +347,26 @@ class Decoder(nn.Module):
             )
         offset = cache.offset if cache is not None else 0
         T = tokens.shape[1]
+        if positions is not None:
+            if cache is not None:
+                raise ValueError("positions= cannot be given with a cache: the cache's offset sets the positions")
+            if positions.shape not in ((T,), (tokens.shape[0], T)) or positions.is_floating_point():
+                raise ValueError(f"positions must be an integer tensor of shape (T,) or (B, T) = "
+                                 f"{tuple(tokens.shape)}, got {positions.dtype} {tuple(positions.shape)}")
         x = self.token_embedding(tokens)  # (B, T, C)
         if c.positional == "sinusoidal":
             # Vaswani et al.'s sqrt(C) scaling: a fixed unit-amplitude table would otherwise drown embeddings
             # initialised at std 0.02 (measured: worse than no position information at all)
             x = x * math.sqrt(c.dims)
         if self.positional_embedding is not None:
-            if offset + T > c.ctx:
-                raise ValueError(f"positions up to {offset + T} exceed the {c.positional} table (ctx={c.ctx})")
-            x = x + self.positional_embedding[offset : offset + T]
+            end = offset + T if positions is None else int(positions.max()) + 1
+            if end > c.ctx or (positions is not None and int(positions.min()) < 0):
+                raise ValueError(f"positions up to {end} exceed the {c.positional} table (ctx={c.ctx})")
+            table = self.positional_embedding
+            x = x + (table[offset:end] if positions is None else table[positions])  # (T, C) or (B, T, C)
         attention = c.positional == "rotary" and c.placement == "attention"
         if c.positional == "rotary" and not attention:
-            x = self.rotary(x, offset=offset)
+            x = self.rotary(x, offset=offset, positions=positions)
         if xa is not None:
             x = x.to(xa.dtype)
         rotary = self.rotary if attention else None
@@ -360,7 +375,8 @@ class Decoder(nn.Module):
             weight = self.blocks[0].attn.query.weight
             mixing = heads_mixer(self.rotary, compute_dtype(weight.dtype), weight.device)
         for layer, block in enumerate(self.blocks):
-            x = block(x, xa, offset=offset, rotary=rotary, mixing=mixing, cache=cache, layer=layer)
+            x = block(x, xa, offset=offset, positions=positions, rotary=rotary, mixing=mixing, cache=cache,
+                      layer=layer)
         if cache is not None:
             cache.offset = offset + T
         x = self.ln(x)

@@ -111,7 +111,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     from rotary.lab.experiments.compare import QUICK, QUICK_2D, QUICK_EXTEND, CompareError, run_comparison
     from rotary.lab.experiments.data import DataError
-    from rotary.lab.experiments.extend import ExtendConfig
+    from rotary.lab.experiments.extend import SIZES, ExtendConfig
     from rotary.lab.experiments.train import TrainConfig
     from rotary.lab.experiments.vision import GridConfig
 
@@ -141,8 +141,13 @@ def _compare(args: argparse.Namespace) -> int:
             pass
     seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     seeds_2d = args.seeds if args.seeds is not None else (1 if args.quick else 5)
-    extend_overrides = {k: getattr(args, f"extend_{k}") for k in ("length", "factor", "steps")
-                        if getattr(args, f"extend_{k}") is not None}
+    extend_overrides = dict(SIZES[args.extend_size]) if args.extend_size else {}
+    extend_overrides.update({k: getattr(args, f"extend_{k}") for k in ("length", "factor", "steps")
+                             if getattr(args, f"extend_{k}") is not None})
+    if args.extend_rotary_lr is not None:
+        extend_overrides["rotary_lr"] = args.extend_rotary_lr
+    if args.extend_variants:
+        extend_overrides["variants"] = tuple(v for part in args.extend_variants for v in part.split(",") if v)
     if args.seeds is not None:
         extend_overrides["seeds"] = args.seeds
     cfg_extend = ExtendConfig(**{**(QUICK_EXTEND if args.quick else ExtendConfig()).__dict__, **extend_overrides})
@@ -240,8 +245,9 @@ def _support(args: argparse.Namespace) -> int:
 # earlier runs with other jobs sharing the machine), `rotary bench --quick` 32 s (every suite, torchtune not
 # installed; 19 s before the gpu suite and the suites folded in from benchmarks/)
 COMPARE_QUICK = "about 25-45 s on 2 CPU cores"
-# `rotary compare --tasks extend --out runs/extend`, same machine: 285 s, killed, then 56 s resumed (docs/results.md)
-EXTEND_TIME = "--tasks extend alone takes about 6 minutes on 2 CPU cores"
+# `rotary compare --tasks extend --out runs/extend` (16 variants x 3 seeds, small size), same machine, 2026-12-07,
+# nothing else running: 216 s wall clock (docs/results.md)
+EXTEND_TIME = "--tasks extend alone takes about 4 minutes on 2 CPU cores"
 BENCH_QUICK = "about 30 s on 2 CPU cores"
 # `rotary support` (200 causal LMs of transformers 5.25 and 5 multimodal models, one thread), same machine,
 # 2026-12-07, nothing else running: 189 s for the sweep, 200 s wall clock with the imports
@@ -290,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     from rotary.lab.experiments.compare import DEFAULT_TASKS
     from rotary.lab.experiments.data import TASKS
-    from rotary.lab.experiments.extend import ExtendConfig
+    from rotary.lab.experiments.extend import SIZES, ExtendConfig
+    from rotary.lab.experiments.extend_variants import DEFAULT_VARIANTS, VARIANTS
     from rotary.lab.experiments.grid import TASKS_2D
     from rotary.lab.experiments.schemes import SCHEMES, SCHEMES_2D
 
@@ -323,9 +330,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training steps of the 2-D grid task (digits trains twice as many; default 200)")
     cmp.add_argument("--extend-length", type=int, default=None,
                      help=f"extend: the pretraining length L (default {ExtendConfig.length}; {EXTEND_TIME})")
+    cmp.add_argument("--extend-size", choices=list(SIZES), default=None,
+                     help="extend: the model and its L: " + "; ".join(
+                         f"{k} {v['layers']} layers x {v['dims']} at L = {v['length']}" for k, v in SIZES.items())
+                     + " (default small; --extend-length overrides its L)")
+    cmp.add_argument("--extend-variants", action="append", metavar="VARIANT[,...]",
+                     help=f"extend: the variants to run (repeatable; default {' '.join(DEFAULT_VARIANTS)}; all: "
+                     f"{' '.join(VARIANTS)}). A folder grows by more variants or --seeds under --resume")
     cmp.add_argument("--extend-factor", type=int, default=None,
-                     help=f"extend: fine-tune at this factor x L, evaluate at 1x, it and twice it (default "
+                     help=f"extend: fine-tune at this factor x L, evaluate at 1x, 2x, ... 4 factor x L (default "
                      f"{ExtendConfig.factor})")
+    cmp.add_argument("--extend-rotary-lr", type=float, default=None,
+                     help=f"extend: peak learning rate of the rotary numbers (default {ExtendConfig.rotary_lr:g})")
     cmp.add_argument("--extend-steps", type=int, default=None,
                      help=f"extend: fine-tuning steps of every trained variant (default {ExtendConfig.steps})")
     cmp.set_defaults(func=_compare)
@@ -395,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if getattr(args, "extend_rotary_lr", None) is not None and not args.extend_rotary_lr > 0:
+        parser.error("--extend-rotary-lr must be positive")
     if getattr(args, "time_limit", None) is not None and args.time_limit < 0:
         parser.error("--time-limit must be 0 (no limit) or positive")
     start = time.perf_counter()

@@ -40,6 +40,7 @@ QUICK = TrainConfig(steps=30, batch=8, length=32, eval_batches=1, eval_every=10,
                     heads=2, layers=1, warmup=5)
 QUICK_2D = vision.QUICK_2D
 QUICK_EXTEND = extend.QUICK_EXTEND
+GROWABLE = extend.GROWABLE
 # The default: the 2-D tasks (6 schemes x 5 seeds each) and one 1-D task, all 1-D schemes x 3 seeds, to stay under
 # 15 minutes on 2 CPU cores; `--tasks text lookback copy` is the full 1-D comparison (about 13 minutes alone).
 DEFAULT_TASKS = ("text", "grid", "digits")
@@ -47,13 +48,17 @@ DEFAULT_TASKS = ("text", "grid", "digits")
 
 def _differences(previous: dict, settings: dict) -> list[str]:
     """``"steps: 4 there, 3 now"`` for each setting that differs; the training budget's fields by their own name,
-    the extend task's as ``extend.<field>``."""
+    the extend task's as ``extend.<field>``, but those it may grow by (more seeds, other variants)."""
     def flat(d):
         extend = d.get("extend")
         return {**{k: v for k, v in d.items() if k not in ("train", "extend")}, **d.get("train", {}),
-                **({f"extend.{k}": v for k, v in extend.items()} if isinstance(extend, dict) else {})}
+                **({f"extend.{k}": v for k, v in extend.items() if k not in GROWABLE} if isinstance(extend, dict)
+                   else {})}
 
     a, b = flat(previous), flat(settings)
+    if previous.get("tasks") == settings.get("tasks") == ["extend"]:  # --seeds then counts the extend task's alone
+        a.pop("seeds", None)
+        b.pop("seeds", None)
     return [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
@@ -206,7 +211,8 @@ def _run(task_objs, tasks, schemes, seeds, cfg, out, settings, device, progress,
     if text_task is not None:
         agg_extend = extend_report.aggregate(extend_report.load_results(out))
         seconds = extend_report.pretrain_seconds(out, cfg_extend, data)
-        text = "\n\n".join(t for t in (text, extend_report.markdown(agg_extend, cfg_extend, seconds)) if t)
+        found = extend_report.pretraining(out, cfg_extend, data)
+        text = "\n\n".join(t for t in (text, extend_report.markdown(agg_extend, cfg_extend, seconds, found)) if t)
     files = [out / "report.md", out / "results.json"]
     descriptions = [f"`{t.name}`: {t.description}" for t in task_objs]
     if text_task is not None:

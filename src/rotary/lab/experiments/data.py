@@ -127,6 +127,74 @@ class CopyTask(Task):
         return seq[:, :-1], seq[:, 1:], mask
 
 
+def pose_positions(seed: int, step: int, batch: int, length: int, span: int) -> Tensor:
+    """PoSE's skipped positions (Zhu et al., 2024): ``(B, length)`` long, each row a window of ``length`` tokens cut
+    in two chunks at a random point, the second moved forward by a random skip, so that short windows carry the
+    relative distances of a ``span``-token context. Row b: ``arange(length) + skip_b * (arange(length) >= cut_b)``
+    with ``cut_b`` uniform in ``[1, length)`` and ``skip_b`` uniform in ``[0, span - length]``: strictly increasing,
+    starting at 0, at most ``span - 1`` (reached when the skip is the largest). A pure function of (seed, step)."""
+    if span < length or length < 2:
+        raise ValueError(f"PoSE needs 2 <= length <= span, got length {length}, span {span}")
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 7_919)  # not the batches' own stream
+    cut = torch.randint(1, length, (batch, 1), generator=g)
+    skip = torch.randint(0, span - length + 1, (batch, 1), generator=g)
+    steps = torch.arange(length)
+    return steps + skip * (steps >= cut)  # (B, length)
+
+
+# The retrieval probe: a key of KEY random capital letters followed by VALUE more, early in a text window; at its
+# end the key again, and the model must continue with the value. Capital runs of 4 are rare in the corpus, so the
+# key is unique in the window and only copying from the early occurrence predicts the value (an induction head).
+RETRIEVAL_KEY, RETRIEVAL_VALUE = 4, 4
+RETRIEVAL_MIN_LENGTH = 2 * (RETRIEVAL_KEY + RETRIEVAL_VALUE) + 1
+
+
+def with_probes(tokens: Tensor, targets: Tensor, seed: int, step: int, share: float) -> tuple[Tensor, Tensor]:
+    """A training batch ``(tokens, targets)`` ``(B, L)`` in which a ``share`` of the rows (drawn per row) hold a key
+    and value of ``KEY + VALUE`` random capital letters and, later in the window, the same letters again, both at
+    random places: the copying that the retrieval probe asks for, at the distances a window of L allows. Rows
+    shorter than two copies are left alone. A pure function of (seed, step); the inputs are not changed."""
+    B, L = tokens.shape
+    n = RETRIEVAL_KEY + RETRIEVAL_VALUE
+    window = torch.cat([tokens, targets[:, -1:]], dim=1)  # (B, L + 1)
+    if 2 * n > L + 1 or share <= 0:
+        return tokens, targets
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 2 + 104_729)
+    letters = torch.randint(ord("A"), ord("Z") + 1, (B, n), generator=g)
+    chosen = torch.rand(B, generator=g) < share
+    first = (torch.rand(B, generator=g) * (L + 2 - 2 * n)).long()  # uniform in [0, L + 1 - 2n]
+    second = first + n + (torch.rand(B, generator=g) * (L + 2 - 2 * n - first)).long()  # in [first + n, L + 1 - n]
+    for b in chosen.nonzero().flatten().tolist():
+        window[b, first[b] : first[b] + n] = letters[b]
+        window[b, second[b] : second[b] + n] = letters[b]
+    return window[:, :-1], window[:, 1:]
+
+
+def retrieval_batch(task: TextTask, seed: int, step: int, batch: int, length: int
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(tokens, targets, mask, where)`` of the retrieval probe at ``length`` tokens, from validation windows.
+
+    Each row: a validation window (the text task's validation batch ``step`` of a stream of its own) with the key
+    and value written at ``where`` (``(B,)``, uniform in ``[0, length // 8]``, at most ``length -
+    RETRIEVAL_MIN_LENGTH + 1``), and the key then the value as the window's last ``KEY + VALUE`` tokens (the value's
+    last letter is the last target). ``mask`` selects the VALUE targets of the final copy: a correct prediction
+    there needs the key-value pair seen ``length - KEY - VALUE - where`` tokens earlier."""
+    if length < RETRIEVAL_MIN_LENGTH:
+        raise ValueError(f"the retrieval probe needs at least {RETRIEVAL_MIN_LENGTH} tokens, got {length}")
+    n = RETRIEVAL_KEY + RETRIEVAL_VALUE
+    tokens, targets, _ = task.batch("val", seed, 1_000_000 + step, batch, length)
+    window = torch.cat([tokens, targets[:, -1:]], dim=1)  # (B, length + 1)
+    g = _generator(seed, 1_000_000 + step, "val")
+    letters = torch.randint(ord("A"), ord("Z") + 1, (batch, n), generator=g)  # (B, KEY + VALUE)
+    where = torch.randint(0, min(length // 8, length + 1 - RETRIEVAL_MIN_LENGTH) + 1, (batch,), generator=g)
+    rows = torch.arange(batch)[:, None]
+    window[rows, where[:, None] + torch.arange(n)] = letters
+    window[:, length + 1 - n :] = letters
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, length - RETRIEVAL_VALUE :] = True  # targets length - VALUE + 1 .. length of the window: the value
+    return window[:, :-1], window[:, 1:], mask, where
+
+
 TASKS = ("text", "lookback", "copy")
 
 
