@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "as_heads", "qk_match", "transposed_buffer"]
+__all__ = ["LAYOUTS", "as_heads", "check_layout", "qk_match", "transposed_buffer"]
 
 LAYOUTS = ("BHTD", "BTHD")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..layout import check_layout
 from ..positions import INDEX_DTYPES as _INDEX
 from ..positions import check_offset, index_range
 from .dispatch import choose
@@ -57,8 +58,7 @@ def _describe(t) -> str:
 
 def _heads(x: Tensor, layout: str, name: str) -> Tensor:
     """x as ``(B, T, H, D)`` (a transposed view for BHTD), validated."""
-    if layout not in ("BTHD", "BHTD"):
-        raise ValueError(f"layout must be 'BTHD' or 'BHTD', got {layout!r}")
+    check_layout(layout)
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D floating-point tensor in layout {layout}, got {_describe(x)}")
     return x if layout == "BTHD" else x.transpose(1, 2)

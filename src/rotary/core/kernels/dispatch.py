@@ -76,15 +76,13 @@ def choose(x: Tensor, table_rows: bool = False) -> str:
                  ``ROTARY_KERNEL=torch``)      compiling or when cos/sin carry gradients
     ===========  ============================  ===================================================================
     """
-    if x.is_cpu and not _switch_set():  # the common CPU case in one lookup (is_cpu: no torch.device built per call)
-        return "no-grad" if table_rows and not torch.is_grad_enabled() else "torch"
-    mode = kernel_mode()
-    triton = mode != "torch" and x.dtype in KERNEL_DTYPES and (
-        mode == "triton" or (x.device.type in _DEVICES and triton_available()))
-    if triton and mode == "triton":
-        _check_forced(x)
-    if triton:
-        return "triton"
+    if not x.is_cpu or _switch_set():  # the common CPU case skips this in one lookup (is_cpu: no torch.device built)
+        mode = kernel_mode()
+        if mode != "torch" and x.dtype in KERNEL_DTYPES and (
+                mode == "triton" or (x.device.type in _DEVICES and triton_available())):
+            if mode == "triton":
+                _check_forced(x)
+            return "triton"
     return "no-grad" if table_rows and not torch.is_grad_enabled() else "torch"
 
 
