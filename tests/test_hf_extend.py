@@ -93,10 +93,13 @@ def test_folded_checkpoint_is_stock_and_gives_the_installed_logits(pretrained, t
     model = trained[0]
     expected = _logits(model, ids)
     folded = copy.deepcopy(model)
-    written = hf_extend.ship(folded, tmp_path / "model")
+    written = hf_extend.ship(folded, tmp_path / "model", CFG.factor * CFG.length)
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     params = config["rope_parameters"]
     assert written == params and params["rope_type"] == "longrope"
+    # the trained length is the context engines will serve; the original length and attention factor keep the angles
+    assert config["max_position_embeddings"] == CFG.factor * CFG.length
+    assert params["original_max_position_embeddings"] == CFG.length and params["attention_factor"] == 1.0
     assert params["short_factor"] == params["long_factor"]
     assert "rotary_install" not in config and "rotary" not in config
     torch.save(ids, tmp_path / "ids.pt")

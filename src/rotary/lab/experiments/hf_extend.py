@@ -213,9 +213,12 @@ def install_and_train(pretrained: nn.Module, cfg: HFExtendConfig, task: TextTask
     return model.eval(), info
 
 
-def ship(model: nn.Module, folder: Path) -> dict:
-    """``rotary.fold`` then ``save_pretrained(folder)``: a stock checkpoint. Returns its ``rope_parameters``."""
+def ship(model: nn.Module, folder: Path, length: int) -> dict:
+    """``rotary.fold``, ``config.max_position_embeddings = length`` (the length the rotary was trained at: engines
+    cap their context at it; the written longrope's explicit ``attention_factor`` keeps the angles as they are),
+    then ``save_pretrained(folder)``: a stock checkpoint. Returns its ``rope_parameters``."""
     rotary.fold(model)
+    model.config.max_position_embeddings = length
     model.save_pretrained(folder)
     return dict(model.config.rope_parameters)
 
@@ -313,7 +316,7 @@ def run(cfg: HFExtendConfig, out: Path, corpus: tuple[bytes, str] | None = None)
             log.info("%s: training the rotary at %d x L (%d steps)", name, cfg.factor, cfg.steps)
             model, info = install_and_train(pretrained, cfg, task, low_only=low_only, folder=Path(scratch) / name)
             installed, angles = logits_by_length(model, sets), _cos_sin(model, max(sets))
-            rope_parameters = ship(model, models / name)
+            rope_parameters = ship(model, models / name, cfg.factor * cfg.length)
             reloaded = stock_evaluate(models / name, sets)
             results["rows"][name] = {
                 "loss": losses(reloaded, sets), "loss_installed": losses(installed, sets),
